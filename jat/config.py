@@ -1,0 +1,372 @@
+"""Typed configuration: nested dataclasses loaded from YAML.
+
+Every setting is written once: the dataclass field (with its comment) is the YAML key. Loading
+rejects unknown or misspelled keys, wrong types and impossible values with a `ConfigError` that
+names the key path and the file. `section.key=value` overrides come from the command line.
+
+A YAML file may start from another with `base: other.yaml` (resolved beside it); the model
+section may start from a named size preset with `model: {preset: small}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and the source named in the message."""
+
+
+@dataclass
+class ModelConfig:
+    """The DiT (SPEC.md section 3). Defaults are the V2 model on DAC latents."""
+
+    preset: str | None = None  # size preset this section started from (v1, v2, small, tiny); informational
+    in_channels: int = 1024  # latent channels C of the codec (DAC 1024, mdct 512)
+    patch_size: int = 4  # latent frames per token (p)
+    hidden_size: int = 1024
+    depth: int = 16
+    num_heads: int = 16  # query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention); = num_heads for plain MHA
+    mlp_ratio: float = 4.0
+    bottleneck_dim: int = 512  # BottleneckPatchEmbed inner width
+    time_freq_dim: int = 512  # sinusoidal timestep features before the time MLP
+    pos_embed: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    max_tokens: int = 2048  # length of the learned position table (pos_embed=learned only)
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "v2": {},
+    "v1": dict(hidden_size=768, depth=12, num_heads=12, num_kv_heads=12, bottleneck_dim=128, pos_embed="learned"),
+    "small": dict(hidden_size=384, depth=6, num_heads=6, num_kv_heads=2, bottleneck_dim=256),
+    "tiny": dict(hidden_size=64, depth=2, num_heads=4, num_kv_heads=2, bottleneck_dim=64, time_freq_dim=64),
+}
+
+
+@dataclass
+class FlowConfig:
+    """Flow matching (SPEC.md section 4). Time convention: t = 0 is noise, t = 1 is data."""
+
+    timesteps: Literal["u_shaped", "uniform", "logit_normal"] = "u_shaped"
+    u_shape_a: float = 4.0  # density proportional to cosh(a (t - 1/2))
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    t_eps: float = 0.05  # clamp of (1 - t) when turning x-prediction into velocity
+    cond_dropout: float = 0.1  # probability of replacing the condition by the null latent
+    solver: Literal["euler", "heun"] = "heun"
+    steps: int = 32
+    cfg_scale: float = 1.0  # classifier-free guidance; 1.0 is off
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
+
+
+@dataclass
+class CodecConfig:
+    """The latent codec (SPEC.md section 2)."""
+
+    name: Literal["mdct", "dac"] = "dac"
+    dac_weights: str | None = None  # local .pth of DAC 44 kHz; None: the library's download cache
+    dac_model_type: str = "44khz"
+    dac_model_bitrate: str = "8kbps"
+    chunk_seconds: float = 30.0  # long audio is encoded/decoded in chunks of this length
+    mdct_compression: float = 0.5  # amplitude compression exponent of the mdct codec (1.0 = none)
+
+
+@dataclass
+class DataConfig:
+    """Training data (SPEC.md section 5)."""
+
+    train: str | None = None  # audio folder (recursive) or manifest .txt of audio paths
+    val: str | None = None  # audio folder or manifest for validation; None: no validation
+    latents: str | None = None  # pre-encoded latent shards (fast path); used instead of `train`
+    segment_seconds: float = 6.0
+    cutoff_min: float = 2000.0  # Hz, low-pass cutoff range of the LR simulation
+    cutoff_max: float = 16000.0
+    filters: list[str] = field(default_factory=lambda: ["butter", "cheby1", "bessel", "ellip"])
+    order_min: int = 2
+    order_max: int = 10
+    versions: int = 4  # degraded LR versions per clip when pre-encoding
+    num_workers: int = 0
+    strict: bool = False  # fail on the first bad file instead of skipping it
+    val_clips: int = 4  # validation clips sampled and scored every val_every steps
+    val_cutoff: float = 8000.0  # Hz, cutoff used to degrade validation clips
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01  # applied to matrices only
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0
+    fused: bool | None = None  # fused AdamW kernel; None: on where supported (CUDA)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    output_dir: str = "runs/v2"
+    max_steps: int = 400_000
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 50
+    val_every: int = 5000
+    val_steps: int = 16  # sampler steps during validation
+    ckpt_every: int = 5000
+    keep_last: int = 3  # newest checkpoints kept, besides the best by validation LSD
+    compile: bool = False  # torch.compile the model
+    init_from: str | None = None  # start weights from this checkpoint (fine-tuning, QLoRA)
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class LoraConfig:
+    """LoRA / QLoRA fine-tuning (SPEC.md section 6)."""
+
+    mode: Literal["none", "lora", "qlora"] = "none"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "out", "fc1", "fc2"])
+    temporal_adapter: bool = False
+    temporal_dim: int = 64  # bottleneck width of the temporal adapter
+    temporal_kernel: int = 3
+
+
+@dataclass
+class Config:
+    """The whole run configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Config:
+        cfg = _build(cls, _apply_presets(data, source), "", source)
+        validate(cfg, source)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
+        path = Path(path)
+        data = load_yaml_tree(path)
+        source = str(path)
+        for item in overrides or []:
+            apply_override(data, item)
+        if overrides:
+            source += " (with command-line overrides)"
+        return cls.from_dict(data, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file, following `base:` to the file it extends (deep-merged, this file wins)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = load_yaml_tree((path.parent / base), _seen + (path.resolve(),))
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` override (value parsed as YAML) to a raw config tree."""
+    if "=" not in item:
+        raise ConfigError(f"command line: override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"command line: '{key}': '{p}' is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def _apply_presets(data: dict[str, Any], source: str) -> dict[str, Any]:
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("preset") is not None:
+        name = model["preset"]
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"{source}: model.preset: unknown preset '{name}' (choose from {sorted(MODEL_PRESETS)})")
+        data = dict(data, model={**MODEL_PRESETS[name], **model})
+    return data
+
+
+def _build(cls: type, data: Any, path: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+            raise ConfigError(f"{source}: {where}: unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, where, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, source)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: {where}: must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    if value is None:
+        raise ConfigError(f"{source}: {where}: a value is required (got null)")
+    raise ConfigError(f"{source}: {where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation of values that are well-typed but impossible
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Reject impossible settings before any work starts."""
+
+    def check(ok: bool, where: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {where}: {msg}")
+
+    m = cfg.model
+    for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_kv_heads",
+                 "bottleneck_dim", "time_freq_dim", "max_tokens"):
+        check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+    check(m.hidden_size % m.num_heads == 0, "model.num_heads",
+          f"{m.num_heads} heads do not divide hidden_size {m.hidden_size}")
+    check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+          f"{m.num_kv_heads} KV heads do not divide num_heads {m.num_heads}")
+    check((m.hidden_size // m.num_heads) % 2 == 0, "model.num_heads", "head dim must be even for RoPE")
+    check(m.time_freq_dim % 2 == 0, "model.time_freq_dim", "must be even")
+    check(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+    expected = {"dac": 1024, "mdct": 512}[cfg.codec.name]
+    check(m.in_channels == expected, "model.in_channels",
+          f"codec '{cfg.codec.name}' gives {expected} latent channels, got {m.in_channels}")
+
+    f = cfg.flow
+    check(0 < f.t_eps < 1, "flow.t_eps", f"must be in (0, 1), got {f.t_eps}")
+    check(0 <= f.cond_dropout < 1, "flow.cond_dropout", f"must be in [0, 1), got {f.cond_dropout}")
+    check(f.steps >= 1, "flow.steps", f"must be >= 1, got {f.steps}")
+    check(f.u_shape_a > 0, "flow.u_shape_a", "must be > 0")
+    check(len(f.cfg_interval) == 2 and 0 <= f.cfg_interval[0] <= f.cfg_interval[1] <= 1,
+          "flow.cfg_interval", f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {f.cfg_interval}")
+
+    d = cfg.data
+    check(d.segment_seconds > 0, "data.segment_seconds", "must be > 0")
+    check(0 < d.cutoff_min <= d.cutoff_max < 22050, "data.cutoff_min",
+          f"need 0 < cutoff_min <= cutoff_max < 22050, got {d.cutoff_min}, {d.cutoff_max}")
+    check(1 <= d.order_min <= d.order_max, "data.order_min", f"need 1 <= order_min <= order_max")
+    unknown = set(d.filters) - {"butter", "cheby1", "bessel", "ellip"}
+    check(bool(d.filters) and not unknown, "data.filters", f"unknown filter families {sorted(unknown)}")
+    check(d.versions >= 1, "data.versions", "must be >= 1")
+
+    o = cfg.optim
+    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "need two values in [0, 1)")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    check(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
+
+    t = cfg.train
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "val_every", "ckpt_every", "keep_last",
+                 "val_steps", "max_bad_steps"):
+        check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+    check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+
+    lo = cfg.lora
+    check(lo.rank >= 1, "lora.rank", "must be >= 1")
+    check(lo.mode == "none" or bool(lo.targets) or lo.temporal_adapter, "lora.targets", "nothing to adapt")
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """`--config v2.yaml` finds configs/v2.yaml when no such file exists in the working directory."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    for candidate in (Path("configs") / p, Path(__file__).resolve().parent.parent / "configs" / p):
+        if candidate.is_file():
+            return candidate
+        if candidate.with_suffix(".yaml").is_file():
+            return candidate.with_suffix(".yaml")
+    raise ConfigError(f"{name}: config file not found (also looked in configs/)")
