@@ -8,6 +8,10 @@ import torch
 from torch import nn
 
 
+class CodecError(RuntimeError):
+    """A codec cannot be built or used (missing weights, wrong input shape, ...)."""
+
+
 class Codec(nn.Module, ABC):
     """A frozen audio codec.
 
@@ -16,12 +20,14 @@ class Codec(nn.Module, ABC):
       hop: audio samples per latent frame (512)
       latent_dim: latent channels C
       channels: audio channels one call encodes (1: multichannel audio is folded into the batch)
+      chunk_seconds: long audio is processed in chunks of about this length
     """
 
     sample_rate: int
     hop: int
     latent_dim: int
     channels: int = 1
+    chunk_seconds: float = 30.0
 
     @abstractmethod
     def num_frames(self, length: int) -> int:
@@ -34,3 +40,41 @@ class Codec(nn.Module, ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """[B, C, T] latents -> [B, 1, L] audio, cropped to `length` samples when given."""
+
+    @property
+    def frame_rate(self) -> float:
+        """Latent frames per second (44100 / 512 = 86.13 for both backends)."""
+        return self.sample_rate / self.hop
+
+    @property
+    def chunk_frames(self) -> int:
+        """Latent frames per chunk of long-audio processing (at least 1)."""
+        return max(1, round(self.chunk_seconds * self.sample_rate / self.hop))
+
+    # -- shared input checks ------------------------------------------------------------------
+
+    def _check_audio(self, audio: torch.Tensor) -> None:
+        if audio.dim() != 3 or audio.shape[1] != self.channels:
+            raise CodecError(
+                f"{type(self).__name__}.encode expects audio [B, {self.channels}, L], got {tuple(audio.shape)}; "
+                "fold extra channels into the batch: audio.reshape(B * channels, 1, L)"
+            )
+        if not audio.is_floating_point():
+            raise CodecError(f"audio must be floating point in [-1, 1], got dtype {audio.dtype}")
+
+    def _check_latents(self, latents: torch.Tensor, length: int | None) -> None:
+        if latents.dim() != 3 or latents.shape[1] != self.latent_dim:
+            raise CodecError(
+                f"{type(self).__name__}.decode expects latents [B, {self.latent_dim}, T], "
+                f"got {tuple(latents.shape)}"
+            )
+        if length is not None and not 0 <= length <= latents.shape[-1] * self.hop:
+            raise CodecError(
+                f"cannot decode {length} samples from {latents.shape[-1]} frames "
+                f"(at most {latents.shape[-1] * self.hop})"
+            )
+
+
+def chunk_ranges(num_frames: int, chunk: int) -> list[tuple[int, int]]:
+    """Split frames [0, num_frames) into consecutive [start, end) ranges of at most `chunk` frames."""
+    return [(s, min(s + chunk, num_frames)) for s in range(0, num_frames, chunk)]

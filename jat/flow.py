@@ -1,0 +1,143 @@
+"""Flow matching on latents: timestep sampling, the x-prediction velocity loss, guidance, samplers.
+
+Time convention (everywhere in this project): t = 0 is noise, t = 1 is data.
+
+    z_t = t·x + (1 - t)·ε,  ε ~ N(0, I)
+    velocity  v = dz_t/dt = x - ε = (x - z_t) / (1 - t)
+
+The network predicts x̂ (x-prediction); the loss compares velocities,
+    v̂ = (x̂ - z_t) / max(1 - t, t_eps),  v = (x - z_t) / max(1 - t, t_eps),  loss = mean((v̂ - v)²),
+and sampling integrates dz/dt = (x̂ - z)/(1 - t) from t = 0 to 1 (Euler or Heun, with a final Euler
+step, which lands exactly on x̂).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+from jat.config import FlowConfig
+
+
+class Denoiser(Protocol):
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def u_shaped_cdf(t: torch.Tensor, a: float) -> torch.Tensor:
+    """CDF of p(t) ∝ cosh(a(t - 1/2)) on [0, 1]: (sinh(a(t - 1/2)) + sinh(a/2)) / (2 sinh(a/2))."""
+    return (torch.sinh(a * (t - 0.5)) + math.sinh(a / 2)) / (2 * math.sinh(a / 2))
+
+
+class FlowMatching:
+    """Owns the training loss and the sampler for an x-predicting network."""
+
+    def __init__(self, cfg: FlowConfig | None = None):
+        self.cfg = cfg or FlowConfig()
+
+    # --- timesteps -------------------------------------------------------------------------------
+    def sample_t(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n training timesteps from the configured distribution, in [1e-5, 1 - 1e-5]."""
+        kind, a = self.cfg.timesteps, self.cfg.u_shape_a
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        if kind == "uniform":
+            t = u
+        elif kind == "logit_normal":
+            z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
+            t = torch.sigmoid(self.cfg.logit_normal_mean + self.cfg.logit_normal_std * z)
+        else:  # u_shaped: cosh(a(t-1/2)) ∝ e^{a t} + e^{a(1-t)}, an even mix of s and 1 - s
+            # where s has density ∝ e^{a s} on [0, 1], drawn exactly by inverse CDF
+            s = torch.log1p(u * math.expm1(a)) / a
+            flip = torch.rand(n, generator=generator, device=device, dtype=torch.float64) < 0.5
+            t = torch.where(flip, 1 - s, s)
+        return t.clamp(1e-5, 1 - 1e-5).float()
+
+    # --- training --------------------------------------------------------------------------------
+    def loss(self, model: Denoiser, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Velocity-space loss of an x-predicting model on clean latents x [B, C, T], condition c.
+
+        mask [B, T] (bool) marks valid frames; padded frames do not count. Returns the scalar loss
+        and per-example details (t, loss per example) for logging by timestep bucket.
+        """
+        B = x.shape[0]
+        t = self.sample_t(B, device=x.device, generator=generator)  # [B]
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # [B, C, T]
+        tb = t.view(B, 1, 1).to(x.dtype)
+        z_t = tb * x + (1 - tb) * eps  # [B, C, T]
+
+        if self.cfg.cond_dropout > 0:
+            drop = torch.rand(B, generator=generator, device=x.device) < self.cfg.cond_dropout  # [B]
+            c = torch.where(drop.view(B, 1, 1), self.null_condition(c), c)
+
+        x_hat = model(z_t, t, c, mask)  # [B, C, T]
+        denom = (1 - tb).clamp_min(self.cfg.t_eps)
+        v = (x - z_t) / denom
+        v_hat = (x_hat.float() - z_t) / denom
+        err = (v_hat - v).pow(2).mean(dim=1)  # [B, T]
+        if mask is None:
+            per_example = err.mean(dim=1)  # [B]
+            loss = per_example.mean()
+        else:
+            m = mask.to(err.dtype)
+            per_example = (err * m).sum(1) / m.sum(1).clamp_min(1)
+            loss = (err * m).sum() / m.sum().clamp_min(1)
+        return loss, {"t": t.detach(), "loss_per_example": per_example.detach()}
+
+    @staticmethod
+    def null_condition(c: torch.Tensor) -> torch.Tensor:
+        """The 'no condition' latent used for dropout and guidance: zeros (the normalised mean)."""
+        return torch.zeros_like(c)
+
+    # --- sampling --------------------------------------------------------------------------------
+    def velocity(self, model: Denoiser, z: torch.Tensor, t: float, c: torch.Tensor,
+                 mask: torch.Tensor | None = None, cfg_scale: float = 1.0,
+                 cfg_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        """v̂(z, t | c), with classifier-free guidance w inside the t interval (w = 1 is off)."""
+        if not 0.0 <= t < 1.0:
+            raise ValueError(f"velocity is defined for t in [0, 1), got {t}")
+        B = z.shape[0]
+        tt = torch.full((B,), t, device=z.device, dtype=torch.float32)
+        # The t_eps clamp stabilises the training loss; sampling never evaluates at t = 1, so it uses
+        # the exact 1 - t (a clamped velocity would stop short on grids finer than 1 / t_eps steps).
+        denom = 1.0 - t
+        guided = cfg_scale != 1.0 and cfg_interval[0] <= t <= cfg_interval[1]
+        if not guided:
+            return (model(z, tt, c, mask).float() - z) / denom
+        m2 = None if mask is None else torch.cat([mask, mask])
+        x_both = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([c, self.null_condition(c)]), m2)
+        x_cond, x_uncond = x_both.float().chunk(2)
+        x_hat = x_uncond + cfg_scale * (x_cond - x_uncond)
+        return (x_hat - z) / denom
+
+    @torch.no_grad()
+    def sample(self, model: Denoiser, c: torch.Tensor, mask: torch.Tensor | None = None,
+               steps: int | None = None, solver: str | None = None, cfg_scale: float | None = None,
+               cfg_interval: tuple[float, float] | None = None, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Integrate from noise (t = 0) to data (t = 1) on a uniform grid; returns x [B, C, T].
+
+        Heun steps for all but the last interval, which is a plain Euler step (Heun would need the
+        velocity at t = 1, where 1 - t vanishes).
+        """
+        steps = steps or self.cfg.steps
+        solver = solver or self.cfg.solver
+        w = self.cfg.cfg_scale if cfg_scale is None else cfg_scale
+        interval = tuple(self.cfg.cfg_interval) if cfg_interval is None else cfg_interval
+        if solver not in ("euler", "heun"):
+            raise ValueError(f"unknown solver '{solver}' (euler or heun)")
+        z = noise if noise is not None else torch.randn(c.shape, generator=generator, device=c.device)
+        z = z.float()
+        grid = torch.linspace(0.0, 1.0, steps + 1).tolist()
+        vel = lambda z_, t_: self.velocity(model, z_, t_, c, mask, w, interval)  # noqa: E731
+        for i in range(steps):
+            t0, t1 = grid[i], grid[i + 1]
+            v0 = vel(z, t0)
+            if solver == "euler" or i == steps - 1:
+                z = z + (t1 - t0) * v0
+            else:
+                z_pred = z + (t1 - t0) * v0
+                z = z + (t1 - t0) * 0.5 * (v0 + vel(z_pred, t1))
+        return z

@@ -1,0 +1,264 @@
+"""The JaT-AudioSR Diffusion Transformer (SPEC.md section 3), read top-down like the paper.
+
+    x_t [B, C, T] ─┐
+                   ├─ concat on channels ─ patchify (p frames/token) ─ BottleneckPatchEmbed ─┐
+    c   [B, C, T] ─┘                                                                         │
+    t   [B] ─ sinusoid(t·1000) ─ MLP ─ conditioning vector ──────────────┐                   │
+                                                                         ▼                   ▼
+                                         depth × DiT block (adaLN-Zero, GQA + RoPE, MLP) on tokens
+                                                                         │
+                                         final adaLN layer ─ Linear ─ unpatchify ─ crop ─ x̂ [B, C, T]
+
+The network predicts the clean latent (x-prediction); flow.py turns that into a velocity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from jat.config import MODEL_PRESETS, ModelConfig
+
+
+def model_config(preset: str, **overrides) -> ModelConfig:
+    """A named size preset (v1, v2, small, tiny) as a ModelConfig, with optional field overrides."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset '{preset}' (choose from {sorted(MODEL_PRESETS)})")
+    return ModelConfig(preset=preset, **{**MODEL_PRESETS[preset], **overrides})
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class BottleneckPatchEmbed(nn.Module):
+    """Patch tokens [B, N, 2C·p] -> hidden [B, N, D] through a narrow bottleneck."""
+
+    def __init__(self, in_dim: int, bottleneck: int, hidden: int):
+        super().__init__()
+        self.proj1 = nn.Linear(in_dim, bottleneck)
+        self.act = nn.GELU()
+        self.proj2 = nn.Linear(bottleneck, hidden)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj2(self.act(self.proj1(tokens)))  # [B, N, D]
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoid of t·1000 (freq_i = 10000^(-2i/dim)) -> MLP -> [B, D]."""
+
+    def __init__(self, hidden: int, freq_dim: int = 512):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (t.float() * 1000.0)[:, None] * freqs[None]  # [B, dim/2]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = self.sinusoid(t, self.freq_dim)  # [B, F]
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # [B, D]
+
+
+class RotaryEmbedding(nn.Module):
+    """1-D rotary position embedding over token index; rotates adjacent pairs (x0, x1), (x2, x3), ..."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # [hd/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[:, None] * self.inv_freq[None]  # [N, hd/2]
+        return angles.cos(), angles.sin()
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, H, N, hd]; cos/sin [N, hd/2] -> x rotated pairwise."""
+        pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, N, hd/2, 2]
+        x0, x1 = pairs.unbind(-1)
+        rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+        return rotated.flatten(-2).type_as(x)  # [B, H, N, hd]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: H query heads share H_kv key/value heads (no repeated K/V)."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden // num_heads
+        self.q = nn.Linear(hidden, num_heads * self.head_dim)
+        self.k = nn.Linear(hidden, num_kv_heads * self.head_dim)
+        self.v = nn.Linear(hidden, num_kv_heads * self.head_dim)
+        self.out = nn.Linear(num_heads * self.head_dim, hidden)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", d=self.head_dim)  # [B, H, N, hd]
+        k = rearrange(self.k(x), "b n (h d) -> b h n d", d=self.head_dim)  # [B, Hkv, N, hd]
+        v = rearrange(self.v(x), "b n (h d) -> b h n d", d=self.head_dim)  # [B, Hkv, N, hd]
+        if rope is not None:
+            q, k = RotaryEmbedding.apply(q, *rope), RotaryEmbedding.apply(k, *rope)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # [B, H, N, hd]
+        return self.out(rearrange(o, "b h n d -> b n (h d)"))  # [B, N, D]
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, ratio: float):
+        super().__init__()
+        inner = int(hidden * ratio)
+        self.fc1 = nn.Linear(hidden, inner)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: shift/scale/gate for attention and MLP come from the conditioning vector."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, cfg.num_heads, cfg.num_kv_heads)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(d, cfg.mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rope=None, key_mask=None) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(cond).chunk(6, dim=-1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, key_mask)
+        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x  # [B, N, D]
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm, adaLN shift/scale, Linear to C·p values per token."""
+
+    def __init__(self, hidden: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, C·p]
+
+
+class JaT(nn.Module):
+    """JaT-AudioSR DiT: (x_t, t, c) -> predicted clean latent x̂, any length T >= 1."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, p, d = cfg.in_channels, cfg.patch_size, cfg.hidden_size
+        self.patch_embed = BottleneckPatchEmbed(2 * c * p, cfg.bottleneck_dim, d)
+        self.t_embedder = TimestepEmbedder(d, cfg.time_freq_dim)
+        if cfg.pos_embed == "rope":
+            self.rope = RotaryEmbedding(d // cfg.num_heads, cfg.rope_theta)
+            self.pos_table = None
+        else:
+            self.rope = None
+            self.pos_table = nn.Parameter(torch.zeros(1, cfg.max_tokens, d))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(d, c * p)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears, then adaLN-Zero: every block starts as the identity and the head outputs 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.pos_table is not None:
+            nn.init.normal_(self.pos_table, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t, c: [B, C, T]; t: [B] in [0, 1]; mask: optional [B, T] bool of valid frames.
+
+        Returns x̂ [B, C, T]. Padded frames (mask False) are hidden from attention when a whole
+        token is padding.
+        """
+        p = self.cfg.patch_size
+        T = x_t.shape[-1]
+        pad = (-T) % p
+        h = F.pad(torch.cat([x_t, c], dim=1), (0, pad))  # [B, 2C, T_pad]
+        tokens = rearrange(h, "b c (n p) -> b n (c p)", p=p)  # [B, N, 2C·p]
+        x = self.patch_embed(tokens)  # [B, N, D]
+        N = x.shape[1]
+
+        rope = None
+        if self.rope is not None:
+            rope = self.rope(torch.arange(N, device=x.device))
+        else:
+            if N > self.pos_table.shape[1]:
+                raise ValueError(f"{N} tokens exceed the learned position table ({self.pos_table.shape[1]})")
+            x = x + self.pos_table[:, :N]
+
+        key_mask = None
+        if mask is not None and not bool(mask.all()):
+            key_mask = F.pad(mask, (0, pad)).view(mask.shape[0], N, p).any(-1)  # [B, N]
+
+        cond = self.t_embedder(t)  # [B, D]
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cond, rope, key_mask, use_reentrant=False)
+            else:
+                x = block(x, cond, rope, key_mask)  # [B, N, D]
+        out = self.final_layer(x, cond)  # [B, N, C·p]
+        out = rearrange(out, "b n (c p) -> b c (n p)", p=p)  # [B, C, T_pad]
+        return out[..., :T]  # [B, C, T]
+
+
+def parameter_breakdown(model: JaT) -> dict[str, int]:
+    """Parameter counts by part (patch embed, time embed, positions, blocks, final layer) and total."""
+    parts = {
+        "patch_embed": model.patch_embed,
+        "t_embedder": model.t_embedder,
+        "blocks.attention": [b.attn for b in model.blocks],
+        "blocks.mlp": [b.mlp for b in model.blocks],
+        "blocks.adaLN": [b.adaLN_modulation for b in model.blocks],
+        "final_layer": model.final_layer,
+    }
+    out = {}
+    for name, mods in parts.items():
+        mods = mods if isinstance(mods, list) else [mods]
+        out[name] = sum(p.numel() for m in mods for p in m.parameters())
+    out["pos_table"] = model.pos_table.numel() if model.pos_table is not None else 0
+    out["total"] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+def format_parameter_breakdown(model: JaT) -> str:
+    """A table of `parameter_breakdown` for printing."""
+    rows = parameter_breakdown(model)
+    total = rows["total"]
+    lines = [f"{'part':<18}{'params':>14}{'share':>9}"]
+    for name, n in rows.items():
+        lines.append(f"{name:<18}{n:>14,}{100 * n / total:>8.2f}%")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""The DiT against SPEC.md section 3."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jat.model import JaT, RotaryEmbedding, model_config, parameter_breakdown
+
+torch.manual_seed(0)
+
+
+def test_v2_parameter_count_matches_spec():
+    with torch.device("meta"):
+        model = JaT(model_config("v2"))
+    counts = parameter_breakdown(model)
+    assert counts["total"] == pytest.approx(289.6e6, rel=0.01)
+    # token dim 2C*p = 8192 into a 512 bottleneck, then 1024
+    assert counts["patch_embed"] == 8192 * 512 + 512 + 512 * 1024 + 1024
+    assert counts["pos_table"] == 0
+    assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
+
+
+def test_v2_attention_shapes_are_grouped_query():
+    with torch.device("meta"):
+        model = JaT(model_config("v2"))
+    attn = model.blocks[0].attn
+    assert (attn.q.in_features, attn.q.out_features) == (1024, 1024)
+    assert (attn.k.out_features, attn.v.out_features) == (256, 256)
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (16, 4, 64)
+    assert model.final_layer.linear.out_features == 4096
+
+
+def test_v1_builds_with_learned_positions():
+    with torch.device("meta"):
+        model = JaT(model_config("v1"))
+    assert model.pos_table is not None and model.rope is None
+    assert len(model.blocks) == 12 and model.blocks[0].attn.num_kv_heads == 12
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "v1", "v2"])
+def test_forward_returns_input_length(preset):
+    # small channel count keeps the big presets cheap; the code path is the same
+    model = JaT(model_config(preset, in_channels=8)).eval()
+    for T in (1, 3, 517, 1000):
+        x = torch.randn(1, 8, T)
+        with torch.no_grad():
+            out = model(x, torch.rand(1), torch.randn(1, 8, T))
+        assert out.shape == (1, 8, T)
+
+
+def _perturb_head(model):
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
+
+
+def test_output_independent_of_xt_at_init_and_dependent_after_one_step():
+    model = JaT(model_config("tiny", in_channels=8))
+    c, t = torch.randn(2, 8, 16), torch.rand(2)
+    x1, x2 = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x1, t, c), model(x2, t, c))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = (model(x1, t, c) - torch.randn(2, 8, 16)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        diff = (model(x1, t, c) - model(x2, t, c)).abs().max()
+    assert diff > 1e-6
+
+
+def test_blocks_are_identity_at_init():
+    model = JaT(model_config("tiny", in_channels=8))
+    x = torch.randn(2, 5, 64)
+    cond = torch.randn(2, 64)
+    for block in model.blocks:
+        assert torch.equal(block(x, cond), x)
+
+
+def test_rope_scores_depend_only_on_position_difference():
+    rope = RotaryEmbedding(64)
+    q, k = torch.randn(1, 2, 10, 64), torch.randn(1, 2, 10, 64)
+    pos = torch.arange(10)
+
+    def scores(offset):
+        cos, sin = rope(pos + offset)
+        return RotaryEmbedding.apply(q, cos, sin) @ RotaryEmbedding.apply(k, cos, sin).transpose(-1, -2)
+
+    base = scores(0)
+    assert torch.allclose(base, scores(37), atol=1e-4)
+    assert torch.allclose(base, scores(1000), atol=1e-3)
+    # and positions matter: without rotation the scores differ
+    assert not torch.allclose(base, q @ k.transpose(-1, -2), atol=1e-2)
+
+
+def test_rope_rotates_adjacent_pairs():
+    rope = RotaryEmbedding(4, theta=10000.0)
+    cos, sin = rope(torch.tensor([1]))
+    x = torch.tensor([[[[1.0, 0.0, 1.0, 0.0]]]])
+    y = RotaryEmbedding.apply(x, cos, sin)[0, 0, 0]
+    # pair (x0, x1) rotated by angle 1 rad, pair (x2, x3) by 1/100 rad
+    assert torch.allclose(y, torch.tensor([torch.cos(torch.tensor(1.0)), torch.sin(torch.tensor(1.0)),
+                                           torch.cos(torch.tensor(0.01)), torch.sin(torch.tensor(0.01))]))
+
+
+def test_gqa_matches_repeat_interleave_reference():
+    cfg = model_config("small", in_channels=8)
+    model = JaT(cfg)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 11, cfg.hidden_size)
+    cos, sin = model.rope(torch.arange(11))
+    out = attn(x, (cos, sin))
+
+    hd, h, hkv = attn.head_dim, attn.num_heads, attn.num_kv_heads
+    q = attn.q(x).view(2, 11, h, hd).transpose(1, 2)
+    k = attn.k(x).view(2, 11, hkv, hd).transpose(1, 2)
+    v = attn.v(x).view(2, 11, hkv, hd).transpose(1, 2)
+    q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+    k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
+    w = torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, dim=-1)
+    ref = attn.out((w @ v).transpose(1, 2).reshape(2, 11, h * hd))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_padding_mask_hides_padded_tokens():
+    model = JaT(model_config("tiny", in_channels=8))
+    _perturb_head(model)
+    for b in model.blocks:
+        torch.nn.init.normal_(b.adaLN_modulation[-1].weight, std=0.1)
+    x, c, t = torch.randn(1, 8, 12), torch.randn(1, 8, 12), torch.rand(1)
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[:, :8] = True
+    with torch.no_grad():
+        short = model(x[..., :8], t, c[..., :8])
+        garbage = torch.cat([x[..., :8], 100 * torch.randn(1, 8, 4)], -1)
+        padded = model(garbage, t, torch.cat([c[..., :8], 100 * torch.randn(1, 8, 4)], -1), mask)
+    assert torch.allclose(short, padded[..., :8], atol=1e-5)
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(1)
+    cfg = model_config("tiny", in_channels=8)
+    a = JaT(cfg)
+    _perturb_head(a)
+    b = JaT(model_config("tiny", in_channels=8, grad_checkpointing=True))
+    b.load_state_dict(a.state_dict())
+    x, c, t = torch.randn(2, 8, 16), torch.randn(2, 8, 16), torch.rand(2)
+    for m in (a, b):
+        m(x, t, c).pow(2).sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
+
+
+def test_sdpa_called_with_gqa(monkeypatch):
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[1], k.shape[1], kw.get("enable_gqa")))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = JaT(model_config("small", in_channels=8))
+    model(torch.randn(1, 8, 8), torch.rand(1), torch.randn(1, 8, 8))
+    assert seen and all(s == (6, 2, True) for s in seen)  # K/V keep their 2 heads: no repeat
