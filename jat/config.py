@@ -276,6 +276,9 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
         raise errors[0]
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a bool
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in choices), value)
         if value not in choices:
             raise ConfigError(f"{source}: {where}: must be one of {list(choices)}, got {value!r}")
         return value

@@ -14,6 +14,7 @@ step, which lands exactly on x̂).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -29,6 +30,19 @@ class Denoiser(Protocol):
 def u_shaped_cdf(t: torch.Tensor, a: float) -> torch.Tensor:
     """CDF of p(t) ∝ cosh(a(t - 1/2)) on [0, 1]: (sinh(a(t - 1/2)) + sinh(a/2)) / (2 sinh(a/2))."""
     return (torch.sinh(a * (t - 0.5)) + math.sinh(a / 2)) / (2 * math.sinh(a / 2))
+
+
+@dataclass
+class FlowNoise:
+    """The random draws of one loss evaluation: timesteps t [B], noise eps [B, C, T], dropped [B]."""
+
+    t: torch.Tensor
+    eps: torch.Tensor
+    drop: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list[FlowNoise]) -> FlowNoise:
+        return FlowNoise(*(torch.cat([getattr(p, k) for p in parts]) for k in ("t", "eps", "drop")))
 
 
 class FlowMatching:
@@ -55,22 +69,29 @@ class FlowMatching:
         return t.clamp(1e-5, 1 - 1e-5).float()
 
     # --- training --------------------------------------------------------------------------------
+    def draw(self, x: torch.Tensor, generator: torch.Generator | None = None) -> FlowNoise:
+        """Timesteps, noise and condition-dropout flags for a batch shaped like x [B, C, T]."""
+        B = x.shape[0]
+        t = self.sample_t(B, device=x.device, generator=generator)  # [B]
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)  # [B, C, T]
+        drop = torch.rand(B, generator=generator, device=x.device) < self.cfg.cond_dropout  # [B]
+        return FlowNoise(t, eps, drop)
+
     def loss(self, model: Denoiser, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             generator: torch.Generator | None = None,
+             noise: FlowNoise | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Velocity-space loss of an x-predicting model on clean latents x [B, C, T], condition c.
 
         mask [B, T] (bool) marks valid frames; padded frames do not count. Returns the scalar loss
-        and per-example details (t, loss per example) for logging by timestep bucket.
+        and per-example details (t, loss per example) for logging by timestep bucket. The random
+        draws come from `noise` when given (the trainer draws them per example, so they do not
+        depend on how a batch is split across processes), else from `generator`.
         """
-        B = x.shape[0]
-        t = self.sample_t(B, device=x.device, generator=generator)  # [B]
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # [B, C, T]
+        noise = noise or self.draw(x, generator)
+        t, eps, B = noise.t, noise.eps.to(x.dtype), x.shape[0]
         tb = t.view(B, 1, 1).to(x.dtype)
         z_t = tb * x + (1 - tb) * eps  # [B, C, T]
-
-        if self.cfg.cond_dropout > 0:
-            drop = torch.rand(B, generator=generator, device=x.device) < self.cfg.cond_dropout  # [B]
-            c = torch.where(drop.view(B, 1, 1), self.null_condition(c), c)
+        c = torch.where(noise.drop.view(B, 1, 1), self.null_condition(c), c)
 
         x_hat = model(z_t, t, c, mask)  # [B, C, T]
         denom = (1 - tb).clamp_min(self.cfg.t_eps)

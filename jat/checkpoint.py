@@ -1,0 +1,239 @@
+"""Atomic checkpoints in safetensors, with the full config in every one.
+
+A checkpoint is a directory `ckpt-00001000/`:
+    weights.safetensors    model.*, ema.*, norm.* tensors; metadata: config (JSON), step
+    optimizer.safetensors  optimizer state tensors; metadata: param groups and layout (JSON)
+    rng-<rank>.safetensors each process's CPU (and CUDA) RNG state
+    state.json             step, scheduler state, counters, validation metric
+
+It is written under a temporary name and renamed when complete, so a directory named `ckpt-*`
+is always whole: a run killed mid-write leaves only a `.tmp-*` directory, removed on the next
+save. Inference needs `weights.safetensors` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from jat.config import Config
+
+log = logging.getLogger(__name__)
+
+CKPT_RE = re.compile(r"^ckpt-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the model."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+# --- optimizer state <-> flat tensors ----------------------------------------------------------
+
+
+def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors and a JSON-able remainder."""
+    tensors, scalars = {}, {}
+    for pid, pstate in state["state"].items():
+        for name, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# --- RNG ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state(),
+           "numpy": torch.frombuffer(bytearray(json.dumps(_np_state()).encode()), dtype=torch.uint8),
+           "python": torch.frombuffer(bytearray(json.dumps(_py_state()).encode()), dtype=torch.uint8)}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _np_state() -> list:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _py_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = json.loads(bytes(state["numpy"].tolist()).decode())
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = json.loads(bytes(state["python"].tolist()).decode())
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- save / load -------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def begin_save(output_dir: str | Path, step: int) -> Path:
+    """Create (fresh) the temporary directory a checkpoint is written into; main process only."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-ckpt-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-{checkpoint_name(step)}"
+    tmp.mkdir()
+    return tmp
+
+
+def write_main(tmp: Path, *, cfg: Config, step: int, model: dict[str, torch.Tensor],
+               ema: dict[str, torch.Tensor], norm: dict[str, torch.Tensor], optimizer: dict[str, Any],
+               state: dict[str, Any]) -> None:
+    """Write the weights, optimizer and state files of one checkpoint into `tmp`."""
+    meta = {"config": json.dumps(cfg.to_dict()), "step": str(step), "format": "jat-checkpoint-1"}
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    tensors.update({f"norm.{k}": v for k, v in norm.items()})
+    _save_tensors(tensors, tmp / "weights.safetensors", meta)
+    opt_tensors, opt_meta = flatten_optimizer(optimizer)
+    _save_tensors(opt_tensors, tmp / "optimizer.safetensors", {"meta": json.dumps(opt_meta)})
+    with open(tmp / "state.json", "w") as f:
+        json.dump({"step": step, **state}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_rng(tmp: Path, rank: int) -> None:
+    _save_tensors(rng_state(), tmp / f"rng-{rank}.safetensors")
+
+
+def finish_save(tmp: Path) -> Path:
+    """Rename the finished temporary directory to its final name (the atomic step)."""
+    final = tmp.parent / tmp.name.removeprefix(".tmp-")
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        old = tmp.parent / f".old-{final.name}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def prune(output_dir: str | Path, keep_last: int, keep: set[str] = frozenset()) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints, sparing the names in `keep`."""
+    ckpts = list_checkpoints(output_dir)
+    removed = []
+    for path in ckpts[:-keep_last] if keep_last > 0 else ckpts:
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def weights_file(path: str | Path) -> Path:
+    """A checkpoint directory or its weights file -> the weights file, with a clear error."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "weights.safetensors"
+    if not p.is_file():
+        raise CheckpointError(f"{path}: no checkpoint here (expected a ckpt-* directory or weights.safetensors)")
+    return p
+
+
+def read_config(path: str | Path) -> Config:
+    """The config stored in a checkpoint."""
+    wf = weights_file(path)
+    try:
+        with safe_open(str(wf), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{wf}: unreadable checkpoint ({exc})") from None
+    if "config" not in meta:
+        raise CheckpointError(f"{wf}: no config stored in this checkpoint")
+    return Config.from_dict(json.loads(meta["config"]), source=str(wf))
+
+
+def load_weights(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors under `prefix.` (model, ema or norm) from a checkpoint, prefix removed."""
+    wf = weights_file(path)
+    try:
+        tensors = load_file(str(wf))
+    except Exception as exc:
+        raise CheckpointError(f"{wf}: unreadable checkpoint ({exc})") from None
+    out = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    if not out:
+        raise CheckpointError(f"{wf}: no '{prefix}' tensors in this checkpoint")
+    return out
+
+
+def load_training_state(ckpt: Path, rank: int) -> dict[str, Any]:
+    """Everything a resumed run needs besides the weights."""
+    state = json.loads((ckpt / "state.json").read_text())
+    with safe_open(str(ckpt / "optimizer.safetensors"), "pt") as f:
+        opt_meta = json.loads(f.metadata()["meta"])
+    opt = unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), opt_meta)
+    rng_path = ckpt / f"rng-{rank}.safetensors"
+    rng = load_file(str(rng_path)) if rng_path.is_file() else None
+    return {"state": state, "optimizer": opt, "rng": rng}

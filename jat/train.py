@@ -1,0 +1,407 @@
+"""The training loop: a thin layer over accelerate.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` examples on each process. Data
+order, segment crops, degradations and the flow's noise are functions of (seed, step, example
+index) alone, so a resumed run, or a run split over more processes with the same global batch,
+sees exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Dataset
+
+from jat import checkpoint as ckpt
+from jat.codecs import LatentNorm, LatentStats, build_codec
+from jat.config import Config, ConfigError
+from jat.data import AudioSegmentDataset, LatentShardDataset, collate
+from jat.flow import FlowMatching, FlowNoise
+from jat.model import JaT
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (for example: too many consecutive non-finite steps)."""
+
+
+# --- pieces ------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (fp32), with the usual warm-up
+    decay min(decay, (1 + n) / (10 + n)) so short runs are not dominated by the initial weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.shadow = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, num_updates: int) -> None:
+        d = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
+        torch._foreach_lerp_(self.shadow, params, 1 - d)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's full state with trainable parameters replaced by their averages."""
+        state = dict(model.state_dict())
+        state.update(zip(self.names, self.shadow))
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, name in enumerate(self.names):
+            self.shadow[i].copy_(state[name])
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then cosine decay to min_lr_ratio or constant."""
+    o, total = cfg.optim, cfg.train.max_steps
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device_type: str) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only; weight decay on matrices only (p.dim() >= 2)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = cfg.optim.fused if cfg.optim.fused is not None else device_type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                             fused=fused or None, foreach=None if fused else True)
+
+
+class StepBatches:
+    """Index batches for one process: a fixed permutation per epoch, cut into global batches of
+    `global_batch` (the rest dropped), of which this rank takes its contiguous `batch_size` slice."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.global_batch = batch_size * world
+        self.per_epoch = n // self.global_batch
+        if self.per_epoch == 0:
+            raise ConfigError(f"dataset of {n} examples is smaller than one global batch "
+                              f"({batch_size} x {world} processes): train.batch_size")
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        for b in range(start, self.per_epoch):
+            lo = b * self.global_batch + self.rank * self.batch_size
+            yield perm[lo:lo + self.batch_size].tolist()
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # [B, C, T] normalised HR latent
+    c: torch.Tensor  # [B, C, T] normalised LR latent
+    mask: torch.Tensor  # [B, T] bool
+
+
+def build_train_dataset(cfg: Config) -> Dataset:
+    d = cfg.data
+    if d.latents:
+        frames = math.ceil(d.segment_seconds * 44100 / 512)
+        return LatentShardDataset(d.latents, segment_frames=frames, seed=cfg.train.seed)
+    if d.train:
+        return AudioSegmentDataset(d.train, d, seed=cfg.train.seed)
+    raise ConfigError("config: data.latents or data.train must name the training data")
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds model, optimizer, data and logging from a Config and runs `fit()`.
+
+    `dataset` may be given directly (a Dataset of dict(x, c, mask) latents or dict(hr, lr, mask)
+    audio); `norm` likewise (else it comes from the latent shards or is estimated from audio).
+    """
+
+    def __init__(self, cfg: Config, dataset: Dataset | None = None, norm: LatentNorm | None = None,
+                 validator: Any = None, resume: str | None = None, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        t = cfg.train
+        self.acc = accelerator or Accelerator(mixed_precision=t.mixed_precision)
+        set_seed(t.seed)
+        self.out = Path(t.output_dir)
+        self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
+        self.flow = FlowMatching(cfg.flow)
+        self._codec = None
+        self.validator = validator
+
+        model = JaT(cfg.model)
+        self.norm = norm or self._load_norm()
+        if t.init_from:
+            model.load_state_dict(ckpt.load_weights(t.init_from, "ema"))
+            self.norm.load_state_dict(ckpt.load_weights(t.init_from, "norm"))
+        self.model_plain = model
+        self.ema = EMA(model, t.ema_decay)
+        self.optimizer = build_optimizer(model, cfg, self.acc.device.type)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        compiled = torch.compile(model) if t.compile else model
+        self.model, self.optimizer = self.acc.prepare(compiled, self.optimizer)
+        self.norm.to(self.acc.device)
+        self.sampler = StepBatches(len(self.dataset), t.batch_size, self.acc.process_index,
+                                   self.acc.num_processes, t.seed)
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.best: dict[str, Any] = {}
+        self.history: list[float] = []
+        self.writer = None
+        if resume:
+            self._resume(resume)
+
+    # --- set-up helpers -------------------------------------------------------------------------
+    @property
+    def codec(self):
+        if self._codec is None:
+            self._codec = build_codec(self.cfg.codec).to(self.acc.device)
+        return self._codec
+
+    def _load_norm(self) -> LatentNorm:
+        d = self.cfg.data
+        if d.latents:
+            return LatentNorm.load(Path(d.latents) / "stats.safetensors")
+        if isinstance(self.dataset, AudioSegmentDataset):
+            return self._estimate_norm()
+        return LatentNorm.identity(self.cfg.model.in_channels)
+
+    @torch.no_grad()
+    def _estimate_norm(self, examples: int = 32) -> LatentNorm:
+        """On-the-fly audio training: normalisation statistics from the first examples' HR latents."""
+        stats = LatentStats(self.cfg.model.in_channels)
+        for i in range(min(examples, len(self.dataset))):
+            item = self.dataset[i]
+            z = self.codec.encode(item["hr"][None].to(self.acc.device))  # [1, C, T]
+            stats.update(z.cpu(), self._frame_mask(item["mask"][None], z.shape[-1]))
+        return stats.finalize()
+
+    @staticmethod
+    def _frame_mask(sample_mask: torch.Tensor, frames: int, hop: int = 512) -> torch.Tensor:
+        """[B, L] sample mask -> [B, T] frame mask (a frame is valid if any of its samples is)."""
+        L = sample_mask.shape[-1]
+        padded = torch.nn.functional.pad(sample_mask, (0, frames * hop - L))
+        return padded.view(sample_mask.shape[0], frames, hop).any(-1)
+
+    def _to_batch(self, raw: dict[str, Any]) -> Batch:
+        dev = self.acc.device
+        if "x" in raw:
+            x, c, mask = raw["x"].to(dev), raw["c"].to(dev), raw["mask"].to(dev)
+        else:  # audio: encode on the device (the GPU path)
+            with torch.no_grad():
+                x = self.codec.encode(raw["hr"].to(dev))  # [B, C, T]
+                c = self.codec.encode(raw["lr"].to(dev))
+            mask = self._frame_mask(raw["mask"].to(dev), x.shape[-1])
+        return Batch(self.norm.normalize(x.float()), self.norm.normalize(c.float()), mask)
+
+    def batches(self, micro_start: int) -> Iterator[dict[str, Any]]:
+        """Micro-batches for this process from global micro-batch index `micro_start` on, forever."""
+        epoch, start = divmod(micro_start, self.sampler.per_epoch)
+        while True:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            loader = DataLoader(self.dataset, batch_sampler=list(self.sampler.epoch_batches(epoch, start)),
+                                collate_fn=collate, num_workers=self.cfg.data.num_workers)
+            yield from loader
+            epoch, start = epoch + 1, 0
+
+    def _noise(self, batch: Batch, micro: int) -> FlowNoise:
+        """Per-example draws keyed by (seed, micro-batch, global example index)."""
+        B = batch.x.shape[0]
+        first = self.acc.process_index * B
+        parts = []
+        for i in range(B):
+            seed = int(np.random.SeedSequence([self.cfg.train.seed, micro, first + i]).generate_state(1)[0])
+            g = torch.Generator(device=batch.x.device).manual_seed(seed)
+            parts.append(self.flow.draw(batch.x[i:i + 1], g))
+        return FlowNoise.cat(parts)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> dict[str, Any]:
+        """Train to `train.max_steps` (or stop early after step `until`, as if interrupted there);
+        returns the last logged metrics."""
+        t, acc = self.cfg.train, self.acc
+        stop = min(until, t.max_steps) if until is not None else t.max_steps
+        if acc.is_main_process:
+            self._open_writer()
+            self._log_parameters()
+        data = self.batches(self.step * t.grad_accum)
+        tokens_per_example = None
+        bar = None
+        if acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        window: dict[str, list[float]] = {}
+        last: dict[str, Any] = {}
+        tic = time.perf_counter()
+        self.model.train()
+        while self.step < stop:
+            losses, ts, per_ex = [], [], []
+            for micro_i in range(t.grad_accum):
+                micro = self.step * t.grad_accum + micro_i
+                batch = self._to_batch(next(data))
+                if tokens_per_example is None:
+                    tokens_per_example = math.ceil(batch.x.shape[-1] / self.cfg.model.patch_size)
+                sync = micro_i == t.grad_accum - 1
+                ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
+                with ctx, acc.autocast():
+                    loss, info = self.flow.loss(self.model, batch.x, batch.c, batch.mask,
+                                                noise=self._noise(batch, micro))
+                acc.backward(loss / t.grad_accum)
+                losses.append(loss.detach())
+                ts.append(info["t"])
+                per_ex.append(info["loss_per_example"])
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            loss_mean = acc.reduce(torch.stack(losses).mean(), reduction="mean")
+            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_mean))
+            if finite:
+                self.optimizer.step()
+                self.scheduler.step()
+                self.ema.update(acc.unwrap_model(self.model), self.step - self.skipped_steps)
+                self.bad_steps = 0
+            else:
+                self.bad_steps += 1
+                self.skipped_steps += 1
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): step skipped",
+                            self.step, loss_mean.item(), float(grad_norm))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.history.append(loss_mean.item())
+
+            window.setdefault("loss", []).append(loss_mean.item())
+            window.setdefault("grad_norm", []).append(float(grad_norm))
+            for tt, le in zip(torch.cat(ts).tolist(), torch.cat(per_ex).tolist()):
+                window.setdefault(f"loss_t/{min(int(tt * 4), 3) / 4:.2f}", []).append(le)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_mean.item():.4f}")
+
+            if self.bad_steps >= t.max_bad_steps:
+                self.save()
+                raise TrainingError(f"{self.bad_steps} consecutive non-finite steps at step {self.step}: "
+                                    f"stopping; last good weights saved in {self.out}")
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - tic
+                examples = len(window["loss"]) * t.batch_size * t.grad_accum * acc.num_processes
+                last = {k: float(np.mean(v)) for k, v in window.items()}
+                last.update(lr=self.scheduler.get_last_lr()[0], examples_per_s=examples / elapsed,
+                            tokens_per_s=examples * tokens_per_example / elapsed,
+                            skipped_steps=self.skipped_steps)
+                self._log(last)
+                window, tic = {}, time.perf_counter()
+            metric = None
+            if self.validator is not None and (self.step % t.val_every == 0 or self.step == t.max_steps):
+                metric = self.validate()
+                last.update(metric)
+            if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                self.save(metric)
+        if bar is not None:
+            bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+        acc.wait_for_everyone()
+        return last
+
+    # --- validation -----------------------------------------------------------------------------
+    def ema_model(self) -> JaT:
+        model = JaT(self.cfg.model).to(self.acc.device)
+        model.load_state_dict(self.ema.state_dict(self.acc.unwrap_model(self.model)))
+        return model.eval()
+
+    def validate(self) -> dict[str, float]:
+        """Sample the validation clips with the EMA weights; main process scores and logs them."""
+        metrics: dict[str, float] = {}
+        if self.acc.is_main_process:
+            metrics = self.validator(self, self.ema_model())
+            self._log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        self.acc.wait_for_everyone()
+        return metrics
+
+    # --- logging --------------------------------------------------------------------------------
+    def _open_writer(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.out / "logs"))
+
+    def _log(self, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
+        log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+
+    def _log_parameters(self) -> None:
+        model = self.acc.unwrap_model(self.model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        log.info("parameters: %d trainable, %d frozen", trainable, frozen)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save(self, metric: dict[str, float] | None = None) -> Path | None:
+        """Write a checkpoint atomically; keep the newest `keep_last` and the best by validation LSD."""
+        acc, model = self.acc, self.acc.unwrap_model(self.model)
+        tmp = ckpt.begin_save(self.out, self.step) if acc.is_main_process else None
+        acc.wait_for_everyone()
+        tmp = self.out / f".tmp-{ckpt.checkpoint_name(self.step)}"
+        if metric and "lsd" in metric and (not self.best or metric["lsd"] < self.best["lsd"]):
+            self.best = {"lsd": metric["lsd"], "name": ckpt.checkpoint_name(self.step), "step": self.step}
+        if acc.is_main_process:
+            state = {"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
+                     "skipped_steps": self.skipped_steps, "best": self.best, "metric": metric or {},
+                     "losses": self.history[-1000:]}
+            ckpt.write_main(tmp, cfg=self.cfg, step=self.step, model=model.state_dict(),
+                            ema=self.ema.state_dict(model), norm=self.norm.state_dict(),
+                            optimizer=self.optimizer.state_dict(), state=state)
+        ckpt.write_rng(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        final = None
+        if acc.is_main_process:
+            final = ckpt.finish_save(tmp)
+            ckpt.prune(self.out, self.cfg.train.keep_last, {self.best["name"]} if self.best else set())
+        acc.wait_for_everyone()
+        return final
+
+    def _resume(self, resume: str) -> None:
+        path = ckpt.latest_checkpoint(self.out) if resume == "auto" else Path(resume)
+        if path is None:
+            log.info("no checkpoint in %s: starting from scratch", self.out)
+            return
+        if not (path / "weights.safetensors").is_file():
+            raise ckpt.CheckpointError(f"{path}: not a complete checkpoint")
+        model = self.acc.unwrap_model(self.model)
+        model.load_state_dict(ckpt.load_weights(path, "model"))
+        self.ema.load_state_dict(ckpt.load_weights(path, "ema"))
+        self.norm.load_state_dict(ckpt.load_weights(path, "norm"))
+        rest = ckpt.load_training_state(path, self.acc.process_index)
+        self.optimizer.load_state_dict(rest["optimizer"])
+        state = rest["state"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.bad_steps, self.skipped_steps = state["bad_steps"], state["skipped_steps"]
+        self.best = state.get("best", {})
+        if rest["rng"] is not None:
+            ckpt.set_rng_state(rest["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+

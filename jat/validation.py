@@ -1,0 +1,79 @@
+"""In-training validation: upsample fixed LR clips with the EMA weights and score them (LSD, LSD-HF)
+beside the sinc-resampled LR baseline; log audio and spectrograms to TensorBoard."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jat.audio import list_audio_files, load_audio
+from jat.config import Config
+from jat.degrade import Degradation, apply_degradation
+from jat.inference import Upsampler
+from jat.metrics import evaluate_pair
+from jat.plots import spectrogram_image
+
+log = logging.getLogger(__name__)
+
+SR = 44100
+
+
+@dataclass
+class ValClip:
+    name: str
+    hr: torch.Tensor  # [1, L]
+    lr: torch.Tensor  # [1, L] at 44.1 kHz: also the sinc baseline
+    cutoff: float
+
+
+def make_clip(name: str, hr: torch.Tensor, cutoff: float, family: str = "butter", order: int = 8) -> ValClip:
+    """A validation clip: HR mono audio [1, L] and its LR version under a fixed, recorded degradation."""
+    lr = apply_degradation(hr, SR, Degradation(cutoff, family, order))  # [1, L]
+    return ValClip(name, hr, torch.as_tensor(lr, dtype=torch.float32), cutoff)
+
+
+class Validator:
+    """Callable the Trainer runs every `val_every` steps: (trainer, ema_model) -> mean metrics."""
+
+    def __init__(self, clips: list[ValClip], steps: int = 16, seed: int = 0, log_media: bool = True):
+        if not clips:
+            raise ValueError("no validation clips")
+        self.clips, self.steps, self.seed, self.log_media = clips, steps, seed, log_media
+        self.last_outputs: list[torch.Tensor] = []
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Validator | None:
+        """Clips from `data.val`: the first `segment_seconds` of the first `val_clips` files (mono)."""
+        if not cfg.data.val:
+            return None
+        seg = round(cfg.data.segment_seconds * SR)
+        clips = []
+        for path in list_audio_files(cfg.data.val)[: cfg.data.val_clips]:
+            hr = load_audio(path, SR, mono=True)[:, :seg]  # [1, L]
+            clips.append(make_clip(Path(path).stem, hr, cfg.data.val_cutoff))
+        return cls(clips, steps=cfg.train.val_steps, seed=cfg.train.seed)
+
+    def __call__(self, trainer, model) -> dict[str, float]:
+        up = Upsampler(model, trainer.norm, trainer.codec, trainer.flow, trainer.acc.device, trainer.cfg)
+        rows, self.last_outputs = [], []
+        for i, clip in enumerate(self.clips):
+            out = up.upsample_44k(clip.lr[None], steps=self.steps, seed=self.seed + i)[0]  # [1, L]
+            self.last_outputs.append(out)
+            rows.append(evaluate_pair(out, clip.hr, clip.lr, clip.cutoff, SR))
+            if self.log_media and trainer.writer is not None and i < 2:
+                self._log_media(trainer.writer, trainer.step, clip, out)
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        return {"lsd": mean["lsd_model"], "lsd_hf": mean["lsd_hf_model"],
+                "lsd_baseline": mean["lsd_baseline"], "lsd_hf_baseline": mean["lsd_hf_baseline"],
+                "si_sdr": mean["si_sdr_model"], "si_sdr_baseline": mean["si_sdr_baseline"]}
+
+    @staticmethod
+    def _log_media(writer, step: int, clip: ValClip, out: torch.Tensor) -> None:
+        for kind, audio in (("lr", clip.lr), ("output", out), ("hr", clip.hr)):
+            a = audio.reshape(-1).clamp(-1, 1)
+            writer.add_audio(f"val_audio/{clip.name}/{kind}", a, step, sample_rate=SR)
+            writer.add_image(f"val_spec/{clip.name}/{kind}", spectrogram_image(a, SR), step, dataformats="HWC")

@@ -1,0 +1,162 @@
+"""The trainer: schedule, optimizer groups, EMA, atomic checkpoints, exact resume, and DDP on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jat import checkpoint as ckpt
+from jat.codecs import LatentNorm
+from jat.config import Config
+from jat.model import JaT, model_config
+from jat.train import EMA, StepBatches, Trainer, build_optimizer, lr_lambda
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_worker import RandomLatents, make_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).parent / "train_worker.py"
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = Config.from_dict({"optim": {"warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
+                            "train": {"max_steps": 110}})
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(110) == pytest.approx(0.1)
+    cfg.optim.schedule = "constant"
+    assert lr_lambda(cfg)(100) == 1.0
+
+
+def test_weight_decay_only_on_trainable_matrices():
+    model = JaT(model_config("tiny", in_channels=8))
+    model.patch_embed.requires_grad_(False)
+    opt = build_optimizer(model, Config(), "cpu")
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.01
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert ids == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_ema_tracks_with_warmup():
+    lin = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(lin.weight)
+    ema = EMA(lin, decay=0.9)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema.update(lin, 0)  # warm-up decay min(0.9, 1/10) = 0.1
+    assert ema.shadow[0].item() == pytest.approx(0.9)
+    ema.update(lin, 100)  # decay 0.9
+    assert ema.shadow[0].item() == pytest.approx(0.9 + 0.1 * 0.1)
+
+
+def test_step_batches_partition_the_global_batch():
+    a = StepBatches(20, 2, 0, 2, seed=5)
+    b = StepBatches(20, 2, 1, 2, seed=5)
+    single = StepBatches(20, 4, 0, 1, seed=5)
+    for ra, rb, s in zip(a.epoch_batches(3), b.epoch_batches(3), single.epoch_batches(3)):
+        assert ra + rb == s and not set(ra) & set(rb)
+    assert list(a.epoch_batches(0, start=2)) == list(a.epoch_batches(0))[2:]
+
+
+def _run(out, batch, steps, resume=None, until=None):
+    torch.manual_seed(0)
+    trainer = Trainer(make_config(str(out), batch, steps), dataset=RandomLatents(),
+                      norm=LatentNorm.identity(512), resume=resume)
+    trainer.fit(until=until)
+    return trainer
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = _run(tmp_path / "full", 2, 7)
+    _run(tmp_path / "part", 2, 7, until=3)  # the same run, stopped after step 3
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "part")] == ["ckpt-00000003"]
+    torch.manual_seed(999)  # resume must not depend on the fresh process's RNG
+    resumed = _run(tmp_path / "part", 2, 7, resume="auto")
+    assert resumed.history == full.history[3:]  # step for step, bit for bit
+    a = full.acc.unwrap_model(full.model).state_dict()
+    b = resumed.acc.unwrap_model(resumed.model).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for x, y in zip(full.ema.shadow, resumed.ema.shadow))
+    # keep_last=2: steps 6 and 7 remain; all complete, no temporary directories left
+    names = sorted(p.name for p in (tmp_path / "part").iterdir() if p.name.startswith(("ckpt", ".tmp")))
+    assert names == ["ckpt-00000006", "ckpt-00000007"]
+
+
+def test_checkpoint_contents_and_config(tmp_path):
+    trainer = _run(tmp_path / "run", 2, 3)
+    path = ckpt.latest_checkpoint(tmp_path / "run")
+    cfg = ckpt.read_config(path)
+    assert cfg == trainer.cfg
+    weights = load_file(str(path / "weights.safetensors"))
+    prefixes = {k.split(".", 1)[0] for k in weights}
+    assert prefixes == {"model", "ema", "norm"}
+    state = json.loads((path / "state.json").read_text())
+    assert state["step"] == 3 and "scheduler" in state
+    assert (path / "rng-0.safetensors").is_file() and (path / "optimizer.safetensors").is_file()
+    ema = ckpt.load_weights(path, "ema")
+    model = ckpt.load_weights(path, "model")
+    assert any(not torch.equal(ema[k], model[k]) for k in model)  # EMA is its own average
+
+
+def test_stale_temporary_checkpoint_is_ignored_and_cleaned(tmp_path):
+    out = tmp_path / "run"
+    _run(out, 2, 6, until=3)
+    # a run killed while writing step 6 leaves a partial temporary directory
+    (out / ".tmp-ckpt-00000006").mkdir()
+    (out / ".tmp-ckpt-00000006" / "weights.safetensors").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(out).name == "ckpt-00000003"
+    resumed = _run(out, 2, 6, resume="auto")
+    assert resumed.step == 6 and not (out / ".tmp-ckpt-00000006").exists()
+    assert ckpt.latest_checkpoint(out).name == "ckpt-00000006"
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    class Poisoned(RandomLatents):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "x": item["x"] * float("nan")}
+
+    cfg = make_config(str(tmp_path / "bad"), 2, 20, **{"train.max_bad_steps": 3})
+    trainer = Trainer(cfg, dataset=Poisoned(), norm=LatentNorm.identity(512))
+    before = {k: v.clone() for k, v in trainer.acc.unwrap_model(trainer.model).state_dict().items()}
+    from jat.train import TrainingError
+
+    with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
+        trainer.fit()
+    after = trainer.acc.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.skipped_steps == 3 and ckpt.latest_checkpoint(tmp_path / "bad").name == "ckpt-00000003"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29517", str(WORKER), str(tmp_path / "ddp"), "2", "4"]
+    subprocess.run(launch, check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+    subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one"), "4", "4"], check=True, env=env,
+                   cwd=ROOT, timeout=600, capture_output=True)
+    seen0 = set(json.loads((tmp_path / "ddp" / "seen-0.json").read_text()))
+    seen1 = set(json.loads((tmp_path / "ddp" / "seen-1.json").read_text()))
+    assert seen0 and seen1 and not seen0 & seen1  # each rank saw different examples
+    assert seen0 | seen1 == set(json.loads((tmp_path / "one" / "seen-0.json").read_text()))
+    one = load_file(str(tmp_path / "one" / "final-0.safetensors"))
+    for rank in (0, 1):
+        ddp = load_file(str(tmp_path / "ddp" / f"final-{rank}.safetensors"))
+        for k in one:
+            assert torch.allclose(ddp[k], one[k], atol=1e-5, rtol=1e-4), k
+    # and training did move the weights (the comparison is not between two untouched models)
+    init = JaT(make_config("x", 1, 1).model).state_dict()
+    assert any(not torch.allclose(init[k], one[k]) for k in one if k in init)
+    losses0 = json.loads((tmp_path / "ddp" / "losses-0.json").read_text())
+    assert losses0 == pytest.approx(json.loads((tmp_path / "one" / "losses-0.json").read_text()), rel=1e-4)

@@ -1,0 +1,65 @@
+"""Trains the tiny model on a fixed in-memory latent dataset; run directly or under `accelerate launch`.
+
+    python tests/train_worker.py OUT_DIR BATCH_SIZE MAX_STEPS [--resume auto]
+
+Writes OUT_DIR/final-<rank>.safetensors (weights), OUT_DIR/seen-<rank>.json (example indices seen)
+and OUT_DIR/losses-<rank>.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from jat.codecs import LatentNorm
+from jat.config import Config
+from jat.train import Trainer
+
+C, T = 512, 24
+
+
+class RandomLatents(Dataset):
+    """Fixed random (x, c) pairs; records which indices this process asked for."""
+
+    def __init__(self, n: int = 32):
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(n, C, T, generator=g)
+        self.c = self.x + 0.5 * torch.randn(n, C, T, generator=g)
+        self.seen: list[int] = []
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.seen.append(int(i))
+        return {"x": self.x[i], "c": self.c[i], "mask": torch.ones(T, dtype=torch.bool)}
+
+
+def make_config(out: str, batch: int, steps: int, **extra) -> Config:
+    cfg = Config.from_yaml(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", [
+        f"train.output_dir={out}", f"train.batch_size={batch}", f"train.max_steps={steps}",
+        "train.ckpt_every=3", "train.log_every=1", "train.keep_last=2", "train.mixed_precision=no",
+        "optim.warmup_steps=2", "optim.lr=1e-3", "train.ema_decay=0.9",
+        *[f"{k}={v}" for k, v in extra.items()]])
+    return cfg
+
+
+def main() -> None:
+    out, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    resume = sys.argv[5] if len(sys.argv) > 5 and sys.argv[4] == "--resume" else None
+    torch.manual_seed(0)
+    data = RandomLatents()
+    trainer = Trainer(make_config(out, batch, steps), dataset=data, norm=LatentNorm.identity(C), resume=resume)
+    trainer.fit()
+    rank = trainer.acc.process_index
+    model = trainer.acc.unwrap_model(trainer.model)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/final-{rank}.safetensors")
+    Path(f"{out}/seen-{rank}.json").write_text(json.dumps(data.seen))
+    Path(f"{out}/losses-{rank}.json").write_text(json.dumps(trainer.history))
+
+
+if __name__ == "__main__":
+    main()
