@@ -56,7 +56,8 @@ class Codec(nn.Module, ABC):
     def _check_audio(self, audio: torch.Tensor) -> None:
         if audio.dim() != 3 or audio.shape[1] != self.channels:
             raise CodecError(
-                f"{type(self).__name__}.encode expects audio [B, {self.channels}, L], got {tuple(audio.shape)}; "
+                f"{type(self).__name__}.encode expects audio [B, {self.channels}, L], "
+                f"got {tuple(audio.shape)}; "
                 "fold extra channels into the batch: audio.reshape(B * channels, 1, L)"
             )
         if not audio.is_floating_point():

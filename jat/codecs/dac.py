@@ -49,24 +49,24 @@ def load_dac_model(cfg: CodecConfig) -> dac.DAC:
     import dac
     import dac.utils
 
-    cache = dac_cache_path(cfg.dac_model_type, cfg.dac_model_bitrate)
-    key = (cfg.dac_model_type, dac.utils.__MODEL_LATEST_TAGS__.get((cfg.dac_model_type, cfg.dac_model_bitrate)),
-           cfg.dac_model_bitrate)
+    model_type, bitrate = cfg.dac_model_type, cfg.dac_model_bitrate
+    cache = dac_cache_path(model_type, bitrate)
+    key = (model_type, dac.utils.__MODEL_LATEST_TAGS__.get((model_type, bitrate)), bitrate)
     url = dac.utils.__MODEL_URLS__.get(key, "the descript-audio-codec GitHub releases")
     how = (
-        f"Either (1) set codec.dac_weights to a local weights file (.pth, from {url}), or (2) run once with "
-        f"internet access so descript-audio-codec downloads and caches the {cfg.dac_model_type} "
-        f"{cfg.dac_model_bitrate} weights at {cache} (e.g. `python -m dac download "
-        f"--model_type {cfg.dac_model_type} --model_bitrate {cfg.dac_model_bitrate}`). "
-        "The weight-free codec.name=mdct needs neither."
+        f"Either (1) set codec.dac_weights to a local weights file (.pth, from {url}), or (2) run once "
+        f"with internet access so descript-audio-codec downloads the {model_type} {bitrate} weights into "
+        f"its cache at {cache} (e.g. `python -m dac download --model_type {model_type} "
+        f"--model_bitrate {bitrate}`). The weight-free codec.name=mdct needs neither."
     )
     if cfg.dac_weights:
         path = Path(cfg.dac_weights).expanduser()
         if not path.is_file():
-            raise CodecError(f"DAC weights not found: codec.dac_weights = '{cfg.dac_weights}' is not a file. {how}")
+            raise CodecError(f"DAC weights not found: codec.dac_weights={cfg.dac_weights!r} is not a file. "
+                             f"{how}")
     else:
         try:
-            path = Path(dac.utils.download(model_type=cfg.dac_model_type, model_bitrate=cfg.dac_model_bitrate))
+            path = Path(dac.utils.download(model_type=model_type, model_bitrate=bitrate))
         except Exception as exc:  # no internet, bad response, unknown model type ...
             raise CodecError(
                 f"DAC weights not found: codec.dac_weights is not set and the download cache has no "
@@ -76,7 +76,7 @@ def load_dac_model(cfg: CodecConfig) -> dac.DAC:
     try:
         return dac.DAC.load(str(path))
     except Exception as exc:
-        raise CodecError(f"could not load DAC weights from {path}: {type(exc).__name__}: {exc}. {how}") from exc
+        raise CodecError(f"could not load DAC weights from {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def receptive_field_frames(model: dac.DAC) -> int:
@@ -172,6 +172,6 @@ class DACCodec(Codec):
             a, b = max(f0 - ctx, 0), min(f1 + ctx, total)
             y = self.model.decode(z[..., a:b])  # [B, 1, (b - a) * hop]
             if y.shape[-1] != (b - a) * hop:
-                raise CodecError(f"DAC decoder gave {y.shape[-1]} samples for {b - a} frames, expected hop={hop} each")
+                raise CodecError(f"DAC decoder gave {y.shape[-1]} samples for {b - a} frames, not {hop} each")
             out[..., f0 * hop : f1 * hop] = y[..., (f0 - a) * hop : (f1 - a) * hop]
         return out if length is None else out[..., :length]
