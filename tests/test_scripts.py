@@ -1,0 +1,57 @@
+"""End-to-end runs of the scripts as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from jat.synth import demo_clip
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio")
+    for i, (sr, seconds) in enumerate([(44100, 1.5), (48000, 1.0), (22050, 0.5)]):
+        x = demo_clip(seconds, sr, seed=i)
+        sf.write(root / f"clip{i}.wav", np.stack([x, 0.5 * x], 1) if i == 1 else x, sr)
+    return root
+
+
+@pytest.mark.slow
+def test_train_script_on_audio_folder_then_resume(tmp_path, audio_dir):
+    out = tmp_path / "run"
+    common = ["scripts/train.py", "--config", "tiny.yaml", f"data.train={audio_dir}", f"data.val={audio_dir}",
+              "data.segment_seconds=1.0", "data.val_clips=1", f"train.output_dir={out}", "train.batch_size=2",
+              "train.ckpt_every=2", "train.val_every=4", "train.val_steps=2", "train.log_every=1"]
+    proc = run(*common, "train.max_steps=4")
+    assert "done: step 4" in proc.stdout
+    state = json.loads((out / "ckpt-00000004" / "state.json").read_text())
+    assert state["step"] == 4
+    assert state["metric"]["lsd"] > 0 and state["metric"]["lsd_baseline"] > 0
+    assert state["best"]["name"] == "ckpt-00000004"
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    proc = run(*common, "train.max_steps=6", "--resume", "auto")
+    assert "done: step 6" in proc.stdout
+    assert (out / "ckpt-00000006" / "weights.safetensors").is_file()
+
+
+def test_train_script_rejects_bad_config_before_work(tmp_path):
+    proc = run("scripts/train.py", "--config", "tiny.yaml", "train.bach_size=3", check=False)
+    assert proc.returncode == 2
+    assert "train.bach_size: unknown key (did you mean 'batch_size'?)" in proc.stderr
+    assert "tiny.yaml" in proc.stderr
+    proc = run("scripts/train.py", "--config", "tiny.yaml", f"data.train={tmp_path}/missing", check=False)
+    assert proc.returncode == 2 and "missing" in proc.stderr
