@@ -14,21 +14,26 @@ Latent shard format (written by `jat.precompute`, read by `LatentShardDataset`),
     lr      [N, K, C, T]  float16   LR latents of K degraded versions of each segment
     frames  [N]           int32     valid frames of each row; frames after that are padding
     cutoff  [N, K]        float32   Hz, low-pass cutoff of each LR version
-    metadata (strings): format, plan (fingerprint of the shard's work), codec, hop, sample_rate,
-      latent_dim, segment_seconds, versions, dtype, sources (JSON list of [file, channel, segment]
-      per row), degradations (JSON [[cutoff, family, order] * K] per row), skipped (JSON {file: reason})
+    moments_hr, moments_lr  [3, C]  float64  count, mean and sum of squared deviations of the
+                                    stored latents over valid frames (merged into the stats)
+    metadata: one key, "jat", a JSON object (one key keeps the file bytes deterministic) with
+      format, plan (fingerprint of the shard's work), codec, hop, sample_rate, latent_dim, versions,
+      seed, dtype, data (segment_seconds and the LR simulation settings), sources ([file, channel,
+      segment] per row), degradations ([[cutoff, family, order] x K] per row), skipped ({file: reason})
   stats.safetensors      LatentNorm of the HR latents over valid frames (used for x and c alike)
   stats_lr.safetensors   LatentNorm of the LR latents (for inspection)
   meta.json              codec and data config, shard list and row counts, skipped files
 
 float16 halves the size of float32 and keeps ~3 significant digits; precompute refuses latents that
-overflow it. The shard's `dtype` metadata says what was stored (float32 is also allowed).
+overflow it (choose float32 or bfloat16 then). The shard's `dtype` metadata says what was stored.
+The items of `LatentShardDataset` are the rows of the shards in name order.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
-from jat.audio import AudioError, list_audio_files, load_audio
+from jat.audio import RESAMPLE_WIDTH, AudioError, audio_info, list_audio_files, resample
 from jat.config import DataConfig
 from jat.degrade import simulate_lowres
 
@@ -54,6 +59,11 @@ MAX_REDRAWS = 100  # draws of another file before a dataset of bad files gives u
 
 class ShardError(ValueError):
     """A latent shard folder that is missing, empty or holds a corrupt shard (named in the message)."""
+
+
+def shard_metadata(handle: Any) -> dict[str, Any]:
+    """The "jat" metadata object of an open shard (`safe_open` handle); {} when absent."""
+    return json.loads((handle.metadata() or {}).get("jat", "{}"))
 
 
 def example_rng(*keys: int) -> np.random.Generator:
@@ -74,50 +84,87 @@ def as_numpy(audio: Any) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AudioInfo:
-    """What the up-front scan learns about one file: its length at the target rate and channels."""
+    """What the up-front header scan learns about one file."""
 
     path: Path
-    length: int  # samples at the dataset's sample rate (estimated from the header)
+    sample_rate: int
     channels: int
+    frames: int  # samples per channel at the file's own rate
+
+    def length_at(self, sample_rate: int) -> int:
+        """Samples per channel after resampling to `sample_rate` (audio.resample's output length)."""
+        return -(-self.frames * sample_rate // self.sample_rate)
 
 
 def scan_audio_files(
-    files: Sequence[str | Path], sample_rate: int, strict: bool = False
+    files: Sequence[str | Path], strict: bool = False
 ) -> tuple[list[AudioInfo], dict[str, str]]:
     """Read every file's header (cheap); return the usable files and {path: reason} of bad ones.
 
-    Files soundfile cannot read are tried once with `load_audio`, which may use another backend
-    and otherwise gives the canonical reason. With `strict`, the first bad file raises AudioError.
+    Finds missing, unreadable and empty files; silent or NaN files show up only when their samples
+    are read. With `strict`, the first bad file raises an AudioError naming it.
     """
     infos: list[AudioInfo] = []
     skipped: dict[str, str] = {}
     for path in map(Path, files):
         try:
-            info = sf.info(str(path))
-            if info.frames <= 0 or info.channels <= 0:
-                raise RuntimeError("no samples")
-            length = int(np.ceil(info.frames * sample_rate / info.samplerate))
-            infos.append(AudioInfo(path, length, int(info.channels)))
-        except Exception:  # noqa: BLE001 - any header problem: let load_audio judge the file
-            try:
-                audio = as_numpy(load_audio(path, target_sr=sample_rate))  # [C, L]
-            except AudioError as exc:
-                record_bad(skipped, path, exc, strict)
-                continue
-            infos.append(AudioInfo(path, int(audio.shape[-1]), int(audio.shape[0])))
+            if path.is_file() and path.stat().st_size == 0:
+                raise AudioError(f"{path}: file is empty (0 bytes)")
+            sr, channels, frames = audio_info(path)
+            if frames <= 0 or channels <= 0:
+                raise AudioError(f"{path}: audio is empty (0 samples)")
+        except AudioError as exc:
+            record_bad(skipped, path, exc, strict)
+            continue
+        infos.append(AudioInfo(path, sr, channels, frames))
     return infos, skipped
 
 
 def record_bad(skipped: dict[str, str], path: Path, exc: Exception, strict: bool) -> None:
     """Log and record a bad file, or raise at once (naming the file) in strict mode."""
-    reason = str(exc)
+    reason = str(exc).removeprefix(f"{path}: ")  # AudioError messages start with the path
     if strict:
-        if str(path) in reason:
-            raise exc
         raise AudioError(f"{path}: {reason}") from exc
     if str(path) not in skipped:
         log.warning("skipping bad audio file %s: %s", path, reason)
     skipped[str(path)] = reason
+
+
+def read_crop(info: AudioInfo, sample_rate: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """A random crop (at most `length` samples at `sample_rate`) of one random channel: float32 [n].
+
+    Only the crop and the resampler's context are read from disk, so long files cost no more than
+    short ones. Crops start on the resampler's phase grid (every rate / gcd(rates) samples, 10 ms or
+    less for rates that are multiples of 100 Hz), so a crop equals the same stretch of the whole
+    file resampled. Raises AudioError for unreadable or non-finite samples, and for a silent file
+    when the crop covers all of it.
+    """
+    src = info.sample_rate
+    step_src, step = src // math.gcd(src, sample_rate), sample_rate // math.gcd(src, sample_rate)
+    channel = int(rng.integers(info.channels))
+    src_len = -(-length * src // sample_rate)  # the crop at the file's rate
+    slots = (info.frames - src_len) // step_src + 1 if info.frames > src_len else 1
+    start = step_src * int(rng.integers(slots))
+    # context for the resampler's kernel (RESAMPLE_WIDTH zero crossings of the lower rate, each
+    # side), a whole number of grid steps
+    need = 0 if src == sample_rate else 2 * RESAMPLE_WIDTH * -(-src // sample_rate)
+    margin = -(-need // step_src) * step_src
+    a, b = max(0, start - margin), min(info.frames, start + src_len + margin)
+    try:
+        data, _ = sf.read(str(info.path), start=a, stop=b, dtype="float32", always_2d=True)  # [b-a, channels]
+    except Exception as exc:  # noqa: BLE001 - libsndfile raises several types for malformed data
+        raise AudioError(f"{info.path}: not a readable audio file ({type(exc).__name__}: {exc})") from None
+    if data.size == 0:
+        raise AudioError(f"{info.path}: audio is empty (0 samples)")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{info.path}: {int((~np.isfinite(data)).sum())} NaN/Inf samples")
+    if a == 0 and b == info.frames and not np.abs(data).max() > 0:
+        raise AudioError(f"{info.path}: audio is silent (all samples are zero)")
+    x = torch.from_numpy(np.ascontiguousarray(data[:, channel]))  # [b-a]
+    x = resample(x, src, sample_rate)  # [ceil((b-a) * sample_rate / src)]
+    offset = (start - a) // step_src * step  # a and start are on the phase grid: exact
+    n = min(length, info.length_at(sample_rate) - start // step_src * step)
+    return x[offset : offset + n].numpy()  # [n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,9 +178,10 @@ class AudioSegmentDataset(Dataset):
     sample_rate. A file contributes about one item per segment it holds (at least one), each a random
     crop of a random channel; files shorter than a segment are right-padded (mask False on padding).
 
-    Bad files are found by a header scan at construction or when loading (silent, NaN, ...): they are
+    Bad files are found by a header scan at construction or when read (silent, NaN, ...): they are
     logged, recorded in `skipped` (path -> reason) and another file is drawn; `cfg.strict` raises.
-    `skipped` is per process: files found bad inside DataLoader workers are logged there.
+    `skipped` is per process: files found bad inside DataLoader workers are logged there. With
+    persistent DataLoader workers `set_epoch` does not reach them; use non-persistent workers.
     """
 
     def __init__(
@@ -152,10 +200,10 @@ class AudioSegmentDataset(Dataset):
         self.train = train
         self.epoch = 0
         self.segment_samples = round(cfg.segment_seconds * sample_rate)
-        self.infos, self.skipped = scan_audio_files(files, sample_rate, cfg.strict)
+        self.infos, self.skipped = scan_audio_files(files, cfg.strict)
         if not self.infos:
             raise AudioError(f"no usable audio among {len(files)} files (skipped: {self.skipped})")
-        counts = [max(1, round(i.length / self.segment_samples)) for i in self.infos]
+        counts = [max(1, round(i.length_at(sample_rate) / self.segment_samples)) for i in self.infos]
         self._ends = np.cumsum(counts)  # item index -> file index by bisection
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,33 +216,31 @@ class AudioSegmentDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        # validation data is fixed: the same crops and degradations every epoch
-        rng = example_rng(self.seed, self.epoch if self.train else 0, index)
+        epoch = self.epoch if self.train else 0  # validation data is the same every epoch
         file_index = int(np.searchsorted(self._ends, index, side="right"))
-        for _ in range(MAX_REDRAWS):
+        for attempt in range(MAX_REDRAWS):
+            # one generator per attempt: the draws do not depend on which files are already known bad
+            rng = example_rng(self.seed, epoch, index, attempt)
+            if attempt:
+                file_index = int(rng.integers(len(self.infos)))
             info = self.infos[file_index]
-            if str(info.path) not in self.skipped:
-                try:
-                    audio = as_numpy(load_audio(info.path, target_sr=self.sample_rate))  # [C, L]
-                except AudioError as exc:
-                    record_bad(self.skipped, info.path, exc, self.cfg.strict)
-                else:
-                    return self._example(audio, rng)
-            file_index = int(rng.integers(len(self.infos)))  # drawn only after a failure: deterministic
+            if str(info.path) in self.skipped:
+                continue
+            try:
+                x = read_crop(info, self.sample_rate, self.segment_samples, rng)  # [n]
+            except AudioError as exc:
+                record_bad(self.skipped, info.path, exc, self.cfg.strict)
+                continue
+            return self._example(x, rng)
         raise AudioError(f"no usable file after {MAX_REDRAWS} draws (skipped: {self.skipped})")
 
-    def _example(self, audio: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
-        seg = self.segment_samples
-        x = audio[int(rng.integers(audio.shape[0]))]  # [L_file]
-        if x.shape[-1] > seg:
-            start = int(rng.integers(x.shape[-1] - seg + 1))
-            x = x[start : start + seg]  # [seg]
-        n = x.shape[-1]
+    def _example(self, x: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+        seg, n = self.segment_samples, x.shape[-1]
         lr, deg = simulate_lowres(x[None], self.sample_rate, rng, self.cfg)  # [1, n]
         hr_out = torch.zeros(1, seg)  # [1, L]
         lr_out = torch.zeros(1, seg)  # [1, L]
         hr_out[0, :n] = torch.from_numpy(np.ascontiguousarray(x))
-        lr_out[0, :n] = torch.from_numpy(np.ascontiguousarray(as_numpy(lr).reshape(-1)[:n]))
+        lr_out[0, :n] = torch.from_numpy(np.ascontiguousarray(as_numpy(lr).reshape(-1)))
         mask = torch.arange(seg) < n  # [L]
         return dict(hr=hr_out, lr=lr_out, mask=mask, cutoff=float(deg.cutoff))
 
@@ -212,6 +258,8 @@ class LatentShardDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, segment_frames: int | None = None, seed: int = 0):
+        if segment_frames is not None and segment_frames < 1:
+            raise ValueError(f"segment_frames must be >= 1, got {segment_frames}")
         self.root = Path(root)
         self.segment_frames = segment_frames
         self.seed = seed
@@ -220,7 +268,8 @@ class LatentShardDataset(Dataset):
             raise ShardError(f"{self.root}: latent folder not found")
         self.shards = sorted(self.root.glob(SHARD_GLOB))
         if not self.shards:
-            raise ShardError(f"{self.root}: no latent shards ({SHARD_GLOB}); run scripts/precompute_latents.py")
+            raise ShardError(f"{self.root}: no latent shards ({SHARD_GLOB}); make them with "
+                             "scripts/precompute_latents.py")
         meta_path = self.root / "meta.json"
         self.meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         self._frames: list[torch.Tensor] = []  # per shard [N] int
@@ -241,7 +290,8 @@ class LatentShardDataset(Dataset):
                 shapes.add((k, c, t))
                 rows.extend((s, r) for r in range(n))
         if len(shapes) > 1:
-            raise ShardError(f"{self.root}: shards disagree on (versions, channels, frames): {sorted(shapes)}")
+            raise ShardError(f"{self.root}: shards disagree on (versions, channels, frames): "
+                             f"{sorted(shapes)}")
         if not rows:
             raise ShardError(f"{self.root}: the shards hold no rows (every source file was skipped?)")
         self.versions, self.latent_dim, self.frames = shapes.pop()

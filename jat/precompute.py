@@ -19,8 +19,10 @@ import logging
 import os
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from itertools import groupby
+from itertools import chain, groupby
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,18 @@ from safetensors.torch import save_file
 
 from jat.audio import AudioError, load_audio
 from jat.codecs.base import Codec
-from jat.codecs.norm import LatentStats
+from jat.codecs.norm import LatentNorm, LatentStats
 from jat.config import DataConfig
-from jat.data import SHARD_FORMAT, SHARD_GLOB, as_numpy, example_rng, record_bad, scan_audio_files
+from jat.data import (
+    SHARD_FORMAT,
+    SHARD_GLOB,
+    SHARD_KEYS,
+    as_numpy,
+    example_rng,
+    record_bad,
+    scan_audio_files,
+    shard_metadata,
+)
 from jat.degrade import simulate_lowres
 
 log = logging.getLogger(__name__)
@@ -72,10 +83,10 @@ def plan_shards(files: Sequence[str | Path], cfg: DataConfig, sample_rate: int, 
                 root: Path | None = None) -> tuple[list[list[Unit]], dict[str, str]]:
     """Scan headers and split the sorted files' segments into shards; also return bad files found."""
     files = sorted(Path(f) for f in files)
-    infos, skipped = scan_audio_files(files, sample_rate, cfg.strict)
+    infos, skipped = scan_audio_files(files, cfg.strict)
     segment = round(cfg.segment_seconds * sample_rate)
-    units = [Unit(file_key(i.path, root), i.path, ch, s)
-             for i in infos for ch in range(i.channels) for s in range(num_segments(i.length, segment))]
+    units = [Unit(file_key(i.path, root), i.path, ch, s) for i in infos for ch in range(i.channels)
+             for s in range(num_segments(i.length_at(sample_rate), segment))]
     return [units[a : a + shard_size] for a in range(0, len(units), shard_size)], skipped
 
 
@@ -90,75 +101,128 @@ def shard_done(path: Path, plan: str) -> bool:
     """Whether `path` is a readable shard written for exactly this work."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("plan") == plan
-    except (SafetensorError, OSError):
+            complete = {*SHARD_KEYS, "moments_hr", "moments_lr"} <= set(f.keys())
+            return complete and shard_metadata(f).get("plan") == plan
+    except (SafetensorError, OSError, ValueError):
         return False
+
+
+@dataclass
+class Row:
+    """A prepared unit: the HR segment and its K LR versions, right-padded, before encoding."""
+
+    unit: Unit
+    hr: np.ndarray  # [seg]
+    lr: np.ndarray  # [K, seg]
+    valid: int  # real samples; the rest is padding
+    degradations: list  # [[cutoff, family, order]] x K
+
+
+def prepare_file(path: Path, units: Sequence[Unit], cfg: DataConfig, versions: int, seed: int,
+                 sample_rate: int) -> list[Row]:
+    """Load one file, then cut and degrade its units (no shared state: runs in worker processes).
+
+    Raises AudioError for a bad file.
+    """
+    segment = round(cfg.segment_seconds * sample_rate)
+    audio = as_numpy(load_audio(path, target_sr=sample_rate))  # [channels, L]
+    rows = []
+    for u in units:
+        x = audio[min(u.channel, audio.shape[0] - 1), u.segment * segment : (u.segment + 1) * segment]  # [n]
+        if x.size == 0:  # the header over-estimated the length by a segment's worth: nothing here
+            continue
+        hr, lr, degs = np.zeros(segment, np.float32), np.zeros((versions, segment), np.float32), []
+        hr[: x.size] = x
+        for k in range(versions):
+            rng = example_rng(seed, zlib.crc32(u.key.encode()), u.channel, u.segment, k)
+            y, deg = simulate_lowres(x[None], sample_rate, rng, cfg)  # [1, n]
+            lr[k, : x.size] = as_numpy(y).reshape(-1)
+            degs.append([float(deg.cutoff), str(deg.family), int(deg.order)])
+        rows.append(Row(u, hr, lr, x.size, degs))
+    return rows
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # the pool provides the parallelism
+
+
+def _prepare_here(*args: Any) -> list[Row]:
+    """`prepare_file` in this process, with one torch thread like a worker, so that float results
+    (thread-dependent summation order) and thus the shards do not depend on `workers`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return prepare_file(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def encode_shard(units: Sequence[Unit], codec: Codec, cfg: DataConfig, versions: int, seed: int,
                  skipped: dict[str, str], batch_size: int = 16, dtype: torch.dtype = torch.float16,
-                 progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load, segment, degrade and encode one shard's units; returns (tensors, metadata fields)."""
+                 progress: Callable[[int], None] | None = None,
+                 pool: Executor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load, segment, degrade and encode one shard's units; returns (tensors, metadata fields).
+
+    Files are prepared in `pool` when given (results are used in order, so the output does not
+    depend on it). Each codec call encodes about `batch_size` segments, HR and LR together. The
+    tensors include `moments_hr` / `moments_lr` [3, C] float64 (count, mean, sum of squared
+    deviations over valid frames of the stored values) so stats need no second pass.
+    """
     sr, segment = codec.sample_rate, round(cfg.segment_seconds * codec.sample_rate)
-    device = next((b.device for b in codec.buffers()), torch.device("cpu"))
-    hr_out, lr_out, frames, cutoffs, sources, degradations = [], [], [], [], [], []
-    batch: list[tuple[np.ndarray, list[np.ndarray]]] = []  # (hr [seg], K x lr [seg])
+    device = next(chain(codec.parameters(), codec.buffers()), torch.zeros(0)).device
+    c, t = codec.latent_dim, codec.num_frames(segment)
+    stats_hr, stats_lr = LatentStats(c), LatentStats(c)
+    hr_out, lr_out, rows, batch = [], [], [], []
 
     def flush() -> None:
         if not batch:
             return
-        hr = torch.from_numpy(np.stack([b[0] for b in batch]))[:, None].to(device)  # [B, 1, seg]
-        lr = torch.from_numpy(np.stack([x for b in batch for x in b[1]]))[:, None].to(device)  # [B*K, 1, seg]
+        audio = np.concatenate([np.stack([r.hr for r in batch]), np.concatenate([r.lr for r in batch])])
         with torch.no_grad():
-            z_hr = codec.encode(hr).float()  # [B, C, T]
-            z_lr = codec.encode(lr).float()  # [B*K, C, T]
-        for z in (z_hr, z_lr):
-            if not torch.isfinite(z).all() or z.abs().max() > torch.finfo(dtype).max:
-                raise ValueError(f"latents are not finite or overflow {dtype}; store them as float32")
-        hr_out.append(z_hr.to(dtype).cpu())
-        lr_out.append(z_lr.reshape(len(batch), versions, *z_lr.shape[1:]).to(dtype).cpu())  # [B, K, C, T]
-        if progress:
-            progress(len(batch))
+            z = codec.encode(torch.from_numpy(audio)[:, None].to(device)).float().cpu()  # [B*(K+1), C, T]
+        if not torch.isfinite(z).all() or z.abs().max() > torch.finfo(dtype).max:
+            raise ValueError(f"latents are not finite or overflow {dtype}; store them as float32")
+        z = z.to(dtype)
+        z_hr, z_lr = z[: len(batch)], z[len(batch) :].reshape(len(batch), versions, c, t)  # [B, ...]
+        valid = torch.tensor([codec.num_frames(r.valid) for r in batch])  # [B]
+        mask = torch.arange(t)[None] < valid[:, None]  # [B, T]
+        stats_hr.update(z_hr.float(), mask)
+        stats_lr.update(z_lr.float().reshape(-1, c, t), mask.repeat_interleave(versions, 0))  # [B*K, ...]
+        hr_out.append(z_hr)
+        lr_out.append(z_lr)
+        rows.extend(batch)
         batch.clear()
 
-    for path, group in groupby(units, key=lambda u: u.path):
-        group = list(group)
+    groups = [(path, list(g)) for path, g in groupby(units, key=lambda u: u.path)]
+    args = (cfg, versions, seed, sr)
+    jobs = [pool.submit(prepare_file, p, g, *args) for p, g in groups] if pool else [None] * len(groups)
+    for (path, group), job in zip(groups, jobs, strict=True):
         try:
-            audio = as_numpy(load_audio(path, target_sr=sr))  # [channels, L]
+            prepared = job.result() if job else _prepare_here(path, group, *args)
         except AudioError as exc:
             record_bad(skipped, path, exc, cfg.strict)
-            if progress:
-                progress(len(group))
-            continue
-        for u in group:
-            x = audio[min(u.channel, audio.shape[0] - 1), u.segment * segment : (u.segment + 1) * segment]
-            if x.size == 0:  # the header over-estimated the length by a segment's worth: nothing here
-                continue
-            hr = np.zeros(segment, np.float32)
-            hr[: x.size] = x
-            lrs, degs = [], []
-            for k in range(versions):
-                rng = example_rng(seed, zlib.crc32(u.key.encode()), u.channel, u.segment, k)
-                lr, deg = simulate_lowres(x[None], sr, rng, cfg)  # [1, n]
-                lrs.append(np.zeros(segment, np.float32))
-                lrs[-1][: x.size] = as_numpy(lr).reshape(-1)[: x.size]
-                degs.append([float(deg.cutoff), str(deg.family), int(deg.order)])
-            batch.append((hr, lrs))
-            frames.append(codec.num_frames(x.size))
-            cutoffs.append([d[0] for d in degs])
-            sources.append([u.key, u.channel, u.segment])
-            degradations.append(degs)
-            if len(batch) == batch_size:
+            prepared = []
+        for row in prepared:
+            batch.append(row)
+            if len(batch) * (versions + 1) >= batch_size:
                 flush()
+        if progress:
+            progress(len(group))
     flush()
-    c, t = codec.latent_dim, codec.num_frames(segment)
+    moments = [torch.stack([torch.full((c,), float(s.count), dtype=torch.float64), s.mean, s.m2])
+               for s in (stats_hr, stats_lr)]  # [3, C] each
     tensors = dict(
         hr=torch.cat(hr_out) if hr_out else torch.zeros(0, c, t, dtype=dtype),  # [N, C, T]
         lr=torch.cat(lr_out) if lr_out else torch.zeros(0, versions, c, t, dtype=dtype),  # [N, K, C, T]
-        frames=torch.tensor(frames, dtype=torch.int32).reshape(-1),  # [N]
-        cutoff=torch.tensor(cutoffs, dtype=torch.float32).reshape(-1, versions),  # [N, K]
+        frames=torch.tensor([codec.num_frames(r.valid) for r in rows], dtype=torch.int32).reshape(-1),  # [N]
+        cutoff=torch.tensor([[d[0] for d in r.degradations] for r in rows], dtype=torch.float32
+                            ).reshape(-1, versions),  # [N, K]
+        moments_hr=moments[0],  # [3, C]
+        moments_lr=moments[1],  # [3, C]
     )
-    return tensors, dict(sources=sources, degradations=degradations)
+    fields = dict(sources=[[r.unit.key, r.unit.channel, r.unit.segment] for r in rows],
+                  degradations=[r.degradations for r in rows])
+    return tensors, fields
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -168,32 +232,33 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def compute_stats(shards: Sequence[Path], rows_per_step: int = 16):
-    """(HR, LR) LatentNorms over the valid frames of the shards' latents, as stored."""
-    hr_stats, lr_stats = LatentStats(), LatentStats()
-    for path in shards:
-        with safe_open(str(path), framework="pt") as f:
-            n, k, c, t = f.get_slice("lr").get_shape()
-            frames = f.get_tensor("frames").long()  # [N]
-            for a in range(0, n, rows_per_step):
-                b = min(a + rows_per_step, n)
-                mask = torch.arange(t)[None] < frames[a:b, None]  # [n, T]
-                hr_stats.update(f.get_slice("hr")[a:b].float(), mask)  # [n, C, T]
-                lr = f.get_slice("lr")[a:b].float().reshape(-1, c, t)  # [n*K, C, T]
-                lr_stats.update(lr, mask.repeat_interleave(k, dim=0))  # mask [n*K, T]
-    return hr_stats.finalize(), lr_stats.finalize()
+def merge_moments(moments: Sequence[torch.Tensor], channels: int) -> LatentNorm:
+    """Pool per-shard [3, C] (count, mean, m2) moments (Chan et al.'s merge) into a LatentNorm."""
+    stats = LatentStats(channels)
+    for m in moments:
+        n = int(m[0, 0])
+        if n == 0:
+            continue
+        total = stats.count + n
+        delta = m[1] - stats.mean  # [C]
+        stats.mean = stats.mean + delta * (n / total)
+        stats.m2 = stats.m2 + m[2] + delta.pow(2) * (stats.count * n / total)
+        stats.count = total
+    return stats.finalize()
 
 
 def precompute(files: Sequence[str | Path], out_dir: str | Path, codec: Codec, cfg: DataConfig, *,
                versions: int | None = None, shard_size: int = 128, seed: int = 0, batch_size: int = 16,
-               dtype: str = "float16", data_root: str | Path | None = None, codec_config: dict | None = None,
-               progress: Callable[[int], None] | None = None,
+               dtype: str = "float16", workers: int = 0, data_root: str | Path | None = None,
+               codec_config: dict | None = None, progress: Callable[[int], None] | None = None,
                on_plan: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Encode `files` into shards under `out_dir` (resumable), then write stats and meta.json.
 
+    `workers` > 0 loads and degrades audio in that many processes (the output is the same).
+    `data_root`: files under it are stored by relative path (which also seeds their degradations).
     `on_plan(total)` is called once with the planned segment count, `progress(n)` as n more segments
-    are done (shards finished by an earlier run count at once). Returns
-    the meta dict, whose "skipped" maps every bad file to its reason. `cfg.strict` raises instead.
+    are done (shards finished by an earlier run count at once). Returns the meta dict, whose
+    "skipped" maps every bad file to its reason; with `cfg.strict` the first bad file raises.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,44 +271,51 @@ def precompute(files: Sequence[str | Path], out_dir: str | Path, codec: Codec, c
         raise AudioError(f"no usable audio among {len(files)} files (skipped: {skipped})")
     if on_plan:
         on_plan(sum(len(units) for units in plan))
+    lr_keys = ("segment_seconds", "cutoff_min", "cutoff_max", "filters", "order_min", "order_max")
     settings = dict(format=SHARD_FORMAT, codec=codec_config or type(codec).__name__, hop=codec.hop,
                     sample_rate=codec.sample_rate, latent_dim=codec.latent_dim, versions=versions, seed=seed,
-                    dtype=dtype, data={k: v for k, v in asdict(cfg).items()
-                                       if k in ("segment_seconds", "cutoff_min", "cutoff_max", "filters",
-                                                "order_min", "order_max")})
+                    dtype=dtype, data={k: v for k, v in asdict(cfg).items() if k in lr_keys})
     names = [out / f"shard-{j:05d}.safetensors" for j in range(len(plan))]
     for stale in sorted(set(out.glob(SHARD_GLOB)) - set(names)):  # left from a larger earlier plan
         log.info("removing stale shard %s", stale)
         stale.unlink()
-    for units, path in zip(plan, names, strict=True):
-        plan_id = fingerprint(units, settings)
-        if shard_done(path, plan_id):
-            log.info("%s is done, keeping it", path.name)
-            if progress:
-                progress(len(units))
-            continue
-        shard_skipped: dict[str, str] = {}
-        tensors, fields = encode_shard(units, codec, cfg, versions, seed, shard_skipped, batch_size,
-                                       DTYPES[dtype], progress)
-        metadata = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in settings.items()}
-        metadata.update(plan=plan_id, sources=json.dumps(fields["sources"]),
-                        degradations=json.dumps(fields["degradations"]), skipped=json.dumps(shard_skipped))
-        write_atomic(path, lambda tmp, t=tensors, m=metadata: save_file(t, str(tmp), metadata=m))
-        log.info("wrote %s (%d rows)", path.name, len(tensors["hr"]))
+    spawn = get_context("spawn")  # fork is unsafe once torch has started its thread pools
+    pool = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_worker_init) if workers else None
+    try:
+        for units, path in zip(plan, names, strict=True):
+            plan_id = fingerprint(units, settings)
+            if shard_done(path, plan_id):
+                log.info("%s is done, keeping it", path.name)
+                if progress:
+                    progress(len(units))
+                continue
+            shard_skipped: dict[str, str] = {}
+            tensors, fields = encode_shard(units, codec, cfg, versions, seed, shard_skipped, batch_size,
+                                           DTYPES[dtype], progress, pool)
+            info = dict(settings, plan=plan_id, skipped=shard_skipped, **fields)
+            metadata = {"jat": json.dumps(info, sort_keys=True)}  # one key: deterministic file bytes
+            write_atomic(path, lambda tmp, t=tensors, m=metadata: save_file(t, str(tmp), metadata=m))
+            log.info("wrote %s (%d rows)", path.name, len(tensors["hr"]))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
 
-    counts, sources = {}, set()
+    counts, sources, moments = {}, set(), {"hr": [], "lr": []}
     for path in names:
         with safe_open(str(path), framework="pt") as f:
             counts[path.name] = f.get_slice("frames").get_shape()[0]
-            skipped.update(json.loads((f.metadata() or {}).get("skipped", "{}")))
-            sources.update(row[0] for row in json.loads((f.metadata() or {}).get("sources", "[]")))
+            info = shard_metadata(f)
+            skipped.update(info.get("skipped", {}))
+            sources.update(row[0] for row in info.get("sources", []))
+            for k in moments:
+                moments[k].append(f.get_tensor(f"moments_{k}"))
     if not sum(counts.values()):
         raise AudioError(f"no usable audio among {len(files)} files (skipped: {skipped})")
-    hr_norm, lr_norm = compute_stats([p for p in names if counts[p.name]])
-    hr_norm.save(out / "stats.safetensors")
-    lr_norm.save(out / "stats_lr.safetensors")
-    meta = dict(settings, segment_samples=round(cfg.segment_seconds * codec.sample_rate),
-                frames_per_segment=codec.num_frames(round(cfg.segment_seconds * codec.sample_rate)),
+    for k, name in (("hr", "stats.safetensors"), ("lr", "stats_lr.safetensors")):
+        norm = merge_moments(moments[k], codec.latent_dim)
+        write_atomic(out / name, lambda tmp, n=norm: n.save(tmp))
+    segment = round(cfg.segment_seconds * codec.sample_rate)
+    meta = dict(settings, segment_samples=segment, frames_per_segment=codec.num_frames(segment),
                 shards=counts, rows=sum(counts.values()), files=len(sources),
                 skipped=dict(sorted(skipped.items())))
     write_atomic(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from jat.audio import AudioError, list_audio_files
-from jat.codecs import build_codec
+from jat.codecs import CodecError, build_codec
 from jat.config import Config, ConfigError, resolve_config_path
 from jat.precompute import DTYPES, precompute
 
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="segments per codec call")
     p.add_argument("--seed", type=int, help="default: train.seed")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="stored latent dtype")
+    p.add_argument("--workers", type=int, default=0, help="processes loading and degrading audio (0: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return p.parse_args(argv)
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     if not data or not out:
         print("error: give --data and --out (or set data.train and data.latents)", file=sys.stderr)
         return 2
-    if (args.versions is not None and args.versions < 1) or args.shard_size < 1 or args.batch_size < 1:
-        print("error: --versions, --shard-size and --batch-size must be >= 1", file=sys.stderr)
+    if (args.versions is not None and args.versions < 1) or min(args.shard_size, args.batch_size) < 1 \
+            or args.workers < 0:
+        print("error: need --versions, --shard-size, --batch-size >= 1 and --workers >= 0", file=sys.stderr)
         return 2
     seed = cfg.train.seed if args.seed is None else args.seed
     versions = args.versions or cfg.data.versions
@@ -61,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         codec = build_codec(cfg.codec).to(args.device).eval()
         print(f"{len(files)} files -> {out}: {versions} LR versions per segment, "
               f"{cfg.codec.name} codec on {args.device}")
-        with tqdm(unit="seg", desc="encoding") as bar:
+        with tqdm(unit="seg", desc="encoding") as bar, logging_redirect_tqdm():
             meta = precompute(files, out, codec, cfg.data, versions=versions, shard_size=args.shard_size,
-                              seed=seed, batch_size=args.batch_size, dtype=args.dtype,
-                              data_root=data if Path(data).is_dir() else None,
+                              seed=seed, batch_size=args.batch_size, dtype=args.dtype, workers=args.workers,
+                              data_root=data if Path(data).is_dir() else Path(data).parent,
                               codec_config=cfg.to_dict()["codec"], progress=bar.update,
                               on_plan=lambda n: (setattr(bar, "total", n), bar.refresh()))
-    except AudioError as exc:
+    except (AudioError, CodecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {len(meta['shards'])} shards, {meta['rows']} rows from {meta['files']} files to {out}")
