@@ -139,8 +139,13 @@ def begin_save(output_dir: str | Path, step: int) -> Path:
     """Create (fresh) the temporary directory a checkpoint is written into; main process only."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-ckpt-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for old in root.glob(".old-ckpt-*"):  # killed while replacing a checkpoint: restore the old one
+        final = root / old.name.removeprefix(".old-")
+        if not final.exists():
+            os.replace(old, final)
+    for pattern in (".tmp-ckpt-*", ".old-ckpt-*", ".del-ckpt-*"):  # left by a run killed mid-write
+        for stale in root.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{checkpoint_name(step)}"
     tmp.mkdir()
     return tmp
@@ -187,7 +192,10 @@ def prune(output_dir: str | Path, keep_last: int, keep: set[str] = frozenset()) 
     removed = []
     for path in ckpts[:-keep_last] if keep_last > 0 else ckpts:
         if path.name not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            # rename first: a kill during the slow delete must not leave a half-deleted ckpt-*
+            doomed = path.parent / f".del-{path.name}"
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
             removed.append(path)
     return removed
 

@@ -1,13 +1,17 @@
 """Trains the tiny model on a fixed in-memory latent dataset; run directly or under `accelerate launch`.
 
-    python tests/train_worker.py OUT_DIR BATCH_SIZE MAX_STEPS [--resume auto]
+    python tests/train_worker.py OUT_DIR BATCH_SIZE MAX_STEPS [--resume auto] [--slow-save S] [key=value ...]
+
+--slow-save S sleeps S seconds between the files of each checkpoint (fault-injection tests kill the
+process while a checkpoint is being written).
 
 Writes OUT_DIR/final-<rank>.safetensors (weights), OUT_DIR/seen-<rank>.json (example indices seen)
 and OUT_DIR/losses-<rank>.json.
 """
 
+import argparse
 import json
-import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,12 +51,36 @@ def make_config(out: str, batch: int, steps: int, **extra) -> Config:
     return cfg
 
 
+def slow_down_saves(seconds: float) -> None:
+    from jat import checkpoint as ckpt
+
+    for name in ("write_main", "write_rng", "finish_save"):
+        real = getattr(ckpt, name)
+
+        def slow(*args, _real=real, **kwargs):
+            time.sleep(seconds)
+            return _real(*args, **kwargs)
+
+        setattr(ckpt, name, slow)
+
+
 def main() -> None:
-    out, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    resume = sys.argv[5] if len(sys.argv) > 5 and sys.argv[4] == "--resume" else None
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("batch", type=int)
+    ap.add_argument("steps", type=int)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--slow-save", type=float, default=0.0)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    out = args.out
+    if args.slow_save:
+        slow_down_saves(args.slow_save)
     torch.manual_seed(0)
     data = RandomLatents()
-    trainer = Trainer(make_config(out, batch, steps), dataset=data, norm=LatentNorm.identity(C), resume=resume)
+    extra = dict(o.split("=", 1) for o in args.overrides)
+    trainer = Trainer(make_config(out, args.batch, args.steps, **extra), dataset=data,
+                      norm=LatentNorm.identity(C), resume=args.resume)
     trainer.fit()
     rank = trainer.acc.process_index
     model = trainer.acc.unwrap_model(trainer.model)

@@ -1,0 +1,80 @@
+"""Faults: SIGKILL at random points (also mid-checkpoint), then `--resume auto`, until the run ends."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jat import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).parent / "train_worker.py"
+STEPS = 24
+ARGS = ["2", str(STEPS), "train.ckpt_every=2", "train.keep_last=2"]
+
+
+def assert_all_complete(out: Path) -> None:
+    """Every ckpt-* directory is whole: weights, optimizer, state and RNG load."""
+    for path in ckpt.list_checkpoints(out):
+        assert ckpt.read_config(path).train.max_steps == STEPS
+        assert ckpt.load_weights(path, "ema") and ckpt.load_weights(path, "model")
+        rest = ckpt.load_training_state(path, 0)
+        assert rest["state"]["step"] == int(path.name.split("-")[1]) and rest["rng"] is not None
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, str(WORKER), str(ref), *ARGS], check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=600)
+
+    out = tmp_path / "killed"
+    rng = random.Random(7)
+    kills, mid_write, resumed_from = 0, 0, []
+    for attempt in range(40):
+        before = ckpt.latest_checkpoint(out)
+        proc = subprocess.Popen([sys.executable, str(WORKER), str(out), *ARGS, "--resume", "auto",
+                                 "--slow-save", "0.15"], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # half the kills wait for a checkpoint write in progress, the others land anywhere
+        during_write = attempt % 2 == 0
+        deadline = time.monotonic() + 120
+        target = rng.uniform(0.0, 0.6)
+        armed_at = None
+        while proc.poll() is None and time.monotonic() < deadline:
+            latest = ckpt.latest_checkpoint(out)
+            progressed = latest is not None and latest != before
+            writing = any(out.glob(".tmp-ckpt-*")) if out.exists() else False
+            if (during_write and writing and progressed) or (not during_write and progressed):
+                armed_at = armed_at or time.monotonic()
+                if time.monotonic() - armed_at >= (0.05 if during_write else target):
+                    mid_write += any(out.glob(".tmp-ckpt-*"))
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.01)
+        proc.wait(timeout=60)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL
+        kills += 1
+        assert_all_complete(out)
+        resumed_from.append(ckpt.latest_checkpoint(out).name)
+    assert proc.returncode == 0, "the run never finished"
+    assert kills >= 5 and mid_write >= 2, (kills, mid_write)
+    # each restart continued from the newest complete checkpoint: progress never went backwards
+    steps = [int(n.split("-")[1]) for n in resumed_from]
+    assert steps == sorted(steps)
+    assert_all_complete(out)
+    final, expected = load_file(str(out / "final-0.safetensors")), load_file(str(ref / "final-0.safetensors"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    tail = json.loads((out / "losses-0.json").read_text())
+    assert tail == json.loads((ref / "losses-0.json").read_text())[STEPS - len(tail):]
