@@ -113,7 +113,7 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     grad_clip: float = 1.0
-    fused: bool | None = None  # fused AdamW kernel; None: on where supported (CUDA)
+    fused: bool | None = None  # fused AdamW kernel; None: on (CUDA and CPU)
 
 
 @dataclass

@@ -1,22 +1,59 @@
-"""Upsampling: LR audio -> latents -> flow sampling with the EMA weights -> HR audio (SPEC.md section 7)."""
+"""Upsampling (SPEC.md section 7): audio at any rate and channel count -> 44.1 kHz.
+
+One signal [C, L] at rate sr goes through:
+  1. cutoff: given, or estimated from the input spectrum (`estimate_cutoff`); never above sr / 2;
+  2. sinc resampling to 44.1 kHz: lr [C, L'] with L' = ceil(L * 44100 / sr), the output length;
+  3. encoding, channels as a batch, and normalisation: c [C, Cz, T];
+  4. windows of `window` frames overlapping by at least `overlap` frames (`window_ranges`), each
+     sampled by the flow (the windows of several files share network batches), blended into one
+     latent sequence with tapered weights (raised-cosine ramps over each overlap, divided by their
+     sum, so they always add up to one);
+  5. one decode (the codec chunks long input itself) and low-frequency replacement: below the cutoff
+     the output takes the input's own spectrum (`low_frequency_replace`).
+
+Blending latents rather than decoded audio: the decoder sees one continuous latent sequence (no
+seam can appear in the audio that the latents do not have), and the overlaps are decoded once.
+Noise: frame t of channel k starts from noise drawn from (seed, k, t // NOISE_BLOCK) (`frame_noise`),
+so overlapping windows share their noise and the result does not depend on the window layout or on
+which other files share a batch (beyond float rounding). Memory: the network never sees more than
+`batch_size` windows of `window` frames; what grows with length is only the file's own audio and
+latents (a few arrays of its size).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from jat import checkpoint as ckpt
+from jat.audio import AudioError, resample
 from jat.codecs import Codec, LatentNorm, build_codec
 from jat.config import Config
-from jat.flow import FlowMatching
+from jat.degrade import detect_cutoff
+from jat.flow import Denoiser, FlowMatching
 from jat.model import JaT
 
 log = logging.getLogger(__name__)
 
+SR = 44100
+NOISE_BLOCK = 64  # frames per independently seeded noise block
+MIN_SECONDS = 0.05  # shorter inputs are rejected
+LFR_START = 0.9  # low-frequency replacement: input only below LFR_START * cutoff, model only above cutoff
+CUTOFF_SECONDS = 30.0  # cutoff detection reads at most this much audio (three excerpts)
+
+Progress = Callable[[object, int, int], None]  # (key, windows done, windows in total)
+
 
 def pick_device(device: str = "auto") -> torch.device:
+    """'auto' (CUDA when available), 'cpu' or 'cuda'."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -24,45 +61,367 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-class Upsampler:
-    """A trained model with its latent normalisation, codec and sampler."""
+def pick_precision(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """Network dtype: 'fp32', 'bf16' or 'auto' (bf16 where the hardware computes it natively: CUDA with
+    bf16 support, or a CPU with AVX512-BF16/AMX, where it measured about 1.2-2x faster than fp32)."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"unknown precision '{precision}' (auto, fp32 or bf16)")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
-    def __init__(self, model: JaT, norm: LatentNorm, codec: Codec, flow: FlowMatching,
-                 device: torch.device | str = "cpu", cfg: Config | None = None):
+
+def output_length(length: int, sr: int) -> int:
+    """Samples at 44.1 kHz for `length` samples at `sr`: ceil(length * 44100 / sr), the same duration."""
+    return -(-length * SR // sr)
+
+
+# --- pure pieces: noise, windows, cutoff, low-frequency replacement --------------------------------
+
+
+def _block_seed(seed: int, stream: int, block: int) -> int:
+    state = np.random.SeedSequence([seed, stream, block]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def frame_noise(seed: int, stream: int, start: int, end: int, channels: int) -> torch.Tensor:
+    """Initial noise [channels, end - start] of frames [start, end) of noise stream `stream` (CPU).
+
+    Frame t's noise depends only on (seed, stream, t), so any window sees the same noise there.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    b0, b1 = start // NOISE_BLOCK, -(-end // NOISE_BLOCK)
+    gens = [torch.Generator().manual_seed(_block_seed(seed, stream, b)) for b in range(b0, b1)]
+    blocks = torch.cat([torch.randn(channels, NOISE_BLOCK, generator=g) for g in gens], 1)  # [channels, N]
+    return blocks[:, start - b0 * NOISE_BLOCK : end - b0 * NOISE_BLOCK]  # [channels, end - start]
+
+
+def window_ranges(total: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """[start, end) frame ranges covering [0, total): all `window` long (one range if total <= window),
+    evenly spread so neighbours overlap by at least `overlap` frames."""
+    if window < 1 or not 0 <= overlap < window:
+        raise ValueError(f"need window >= 1 and 0 <= overlap < window, got {window}, {overlap}")
+    if total <= window:
+        return [(0, total)]
+    n = math.ceil((total - overlap) / (window - overlap))
+    starts = [round(i * (total - window) / (n - 1)) for i in range(n)]
+    return [(s, s + window) for s in starts]
+
+
+def window_weights(ranges: list[tuple[int, int]], i: int) -> torch.Tensor:
+    """Blend weights [end - start] of window i: raised-cosine ramps over its overlaps with its
+    neighbours (strictly positive), 1 elsewhere. Divide the weighted sum by the summed weights."""
+    s, e = ranges[i]
+    w = torch.ones(e - s, dtype=torch.float64)
+
+    def ramp(n: int) -> torch.Tensor:
+        return 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(n, dtype=torch.float64) + 0.5) / n)  # [n] 0 -> 1
+
+    if i > 0 and ranges[i - 1][1] > s:
+        n = ranges[i - 1][1] - s
+        w[:n] *= ramp(n)
+    if i + 1 < len(ranges) and ranges[i + 1][0] < e:
+        n = e - ranges[i + 1][0]
+        w[e - s - n :] *= ramp(n).flip(0)
+    return w.float()
+
+
+def estimate_cutoff(audio: torch.Tensor, sr: int, max_seconds: float = CUTOFF_SECONDS) -> float:
+    """Band limit (Hz) of audio [C, L] at `sr` from its spectrum (`degrade.detect_cutoff`), at most sr / 2.
+
+    Long inputs are read through three evenly spaced excerpts (max_seconds in all), so cost and memory
+    stay flat with length.
+    """
+    n = round(max_seconds * sr / 3)
+    if audio.shape[-1] > 3 * n:
+        starts = np.linspace(0, audio.shape[-1] - n, 3).astype(int)
+        audio = torch.cat([audio[..., s : s + n] for s in starts])  # [3C, n] averaged in power
+    return min(float(detect_cutoff(audio, sr)), sr / 2)
+
+
+def lfr_mask(cutoff: float, n_fft: int, sr: int = SR, start: float = LFR_START) -> torch.Tensor:
+    """Weight [n_fft / 2 + 1] of the input per STFT bin: 1 below start * cutoff, 0 from the cutoff up,
+    a raised-cosine between."""
+    f = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sr / n_fft
+    lo = start * cutoff
+    x = ((f - lo) / max(cutoff - lo, 1e-9)).clamp(0, 1)
+    return (0.5 + 0.5 * torch.cos(math.pi * x)).float()
+
+
+@torch.no_grad()
+def low_frequency_replace(out: torch.Tensor, ref: torch.Tensor, cutoff: float, sr: int = SR,
+                          n_fft: int = 2048, hop: int = 512, chunk: int = 2**20) -> torch.Tensor:
+    """out [C, L] with its band below `cutoff` replaced by ref's [C, L] (crossfaded, `lfr_mask`).
+
+    y = out + iSTFT(mask * STFT(ref - out)), computed in chunks of `chunk` samples read with n_fft of
+    context either side on the global frame grid, so memory is flat and chunks join exactly.
+    """
+    mask = lfr_mask(cutoff, n_fft, sr).to(out.device)[:, None]  # [F, 1]
+    window = torch.hann_window(n_fft, device=out.device)
+    length = out.shape[-1]
+    chunk = max(hop, chunk // hop * hop)
+    y = out.clone()
+    for a in range(0, length, chunk):
+        b = min(a + chunk, length)
+        lo, hi = max(a - n_fft, 0), min(b + n_fft, length)  # lo is on the hop grid
+        d = (ref[..., lo:hi].to(out.device) - out[..., lo:hi]).float()  # [C, l]
+        spec = torch.stft(d, n_fft, hop, window=window, center=True, pad_mode="constant", return_complex=True)
+        low = torch.istft(spec * mask, n_fft, hop, window=window, center=True, length=hi - lo)  # [C, l]
+        y[..., a:b] += low[..., a - lo : b - lo].to(y.dtype)
+    return y
+
+
+# --- the upsampler ------------------------------------------------------------------------------
+
+
+@dataclass
+class UpsampleResult:
+    """One upsampled signal: audio [C, L'] at 44.1 kHz and where the time went (seconds)."""
+
+    audio: torch.Tensor  # [C, L'] the output at 44.1 kHz
+    input: torch.Tensor  # [C, L'] the input resampled to 44.1 kHz
+    cutoff: float
+    duration: float  # seconds of audio
+    network_s: float = 0.0
+    codec_s: float = 0.0
+    other_s: float = 0.0  # loading aside: cutoff detection, resampling, low-frequency replacement
+
+    @property
+    def rtf(self) -> dict[str, float]:
+        """Real-time factors (processing seconds per audio second): total, network, codec, other."""
+        parts = {"network": self.network_s, "codec": self.codec_s, "other": self.other_s}
+        total = sum(parts.values())
+        return {"total": total / self.duration, **{k: v / self.duration for k, v in parts.items()}}
+
+
+@dataclass
+class _Job:
+    """One signal in flight: its condition, windows, and the running blend of its sampled windows."""
+
+    key: object
+    lr: torch.Tensor  # [C, L'] CPU
+    c: torch.Tensor | None  # [C, Cz, T] normalised condition, on the device
+    ranges: list[tuple[int, int]]
+    result: UpsampleResult
+    acc: torch.Tensor | None  # [C, Cz, T] weighted sum of the sampled windows
+    wsum: torch.Tensor  # [T] sum of the weights
+    done: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.ranges) * self.lr.shape[0]
+
+
+class Upsampler:
+    """A trained model with its latent normalisation, codec and sampler.
+
+    Args:
+        model: an x-predicting denoiser (model(x_t, t, c, mask) -> x̂), usually a JaT.
+        window_seconds: frames per window (default: the config's training segment, else 6 s).
+        overlap_seconds: minimum overlap of neighbouring windows (blended across it).
+        batch_size: windows per network call (default 16 on CUDA, 4 on CPU).
+        precision: network precision, 'fp32', 'bf16' or 'auto' (`pick_precision`).
+    """
+
+    def __init__(self, model: Denoiser, norm: LatentNorm, codec: Codec, flow: FlowMatching,
+                 device: torch.device | str = "cpu", cfg: Config | None = None, *,
+                 window_seconds: float | None = None, overlap_seconds: float = 1.0,
+                 batch_size: int | None = None, precision: str = "fp32"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.norm = norm.to(self.device)
         self.codec = codec.to(self.device).eval()
         self.flow = flow
         self.cfg = cfg
+        seconds = window_seconds or (cfg.data.segment_seconds if cfg is not None else 6.0)
+        self.window = max(1, round(seconds * codec.frame_rate))
+        self.overlap = min(round(overlap_seconds * codec.frame_rate), self.window // 2)
+        self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
+        self.dtype = pick_precision(self.device, precision)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", ema: bool = True,
-                        codec: Codec | None = None) -> Upsampler:
-        """Load a checkpoint directory (or its weights.safetensors); EMA weights by default."""
+                        codec: Codec | None = None, precision: str = "auto", **kwargs) -> Upsampler:
+        """Load a checkpoint directory (or its weights.safetensors); EMA weights by default.
+
+        Raises CheckpointError (one line) when the weights, the latent statistics or the codec do not
+        fit the stored config. kwargs go to the constructor (window_seconds, batch_size, ...).
+        """
         cfg = ckpt.read_config(path)
         model = JaT(cfg.model)
-        try:
-            model.load_state_dict(ckpt.load_weights(path, "ema" if ema else "model"))
-        except RuntimeError as exc:
-            raise ckpt.CheckpointError(f"{path}: weights do not fit the stored config: {exc}") from None
+        _load_checked(model, ckpt.load_weights(path, "ema" if ema else "model"), f"{path}: model weights")
         norm = LatentNorm.identity(cfg.model.in_channels)
-        norm.load_state_dict(ckpt.load_weights(path, "norm"))
-        return cls(model, norm, codec or build_codec(cfg.codec), FlowMatching(cfg.flow), pick_device(device), cfg)
+        _load_checked(norm, ckpt.load_weights(path, "norm"), f"{path}: latent statistics")
+        codec = codec or build_codec(cfg.codec)
+        if codec.latent_dim != cfg.model.in_channels:
+            raise ckpt.CheckpointError(f"{path}: codec '{cfg.codec.name}' gives {codec.latent_dim} latent "
+                                       f"channels, the model expects {cfg.model.in_channels}")
+        dev = pick_device(device)
+        return cls(model, norm, codec, FlowMatching(cfg.flow), dev, cfg, precision=precision, **kwargs)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     @torch.no_grad()
     def sample_latents(self, c: torch.Tensor, steps: int | None = None, solver: str | None = None,
-                       cfg_scale: float | None = None, seed: int = 0) -> torch.Tensor:
-        """Normalised LR latents c [B, C, T] -> normalised HR latents [B, C, T]."""
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        noise = torch.randn(c.shape, generator=g, device=self.device)
-        return self.flow.sample(self.model, c, steps=steps, solver=solver, cfg_scale=cfg_scale, noise=noise)
+                       cfg_scale: float | None = None, seed: int = 0, noise: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised LR latents c [B, C, T] -> normalised HR latents [B, C, T].
+
+        Default noise: `frame_noise` with stream b for batch row b.
+        """
+        if noise is None:
+            B, C, T = c.shape
+            noise = torch.stack([frame_noise(seed, b, 0, T, C) for b in range(B)])  # [B, C, T]
+        with self._autocast():
+            return self.flow.sample(self.model, c, mask=mask, steps=steps, solver=solver, cfg_scale=cfg_scale,
+                                    noise=noise.to(self.device))
 
     @torch.no_grad()
     def upsample_44k(self, lr: torch.Tensor, steps: int | None = None, solver: str | None = None,
                      cfg_scale: float | None = None, seed: int = 0) -> torch.Tensor:
-        """LR audio already at 44.1 kHz [B, 1, L] -> upsampled audio [B, 1, L]."""
+        """LR audio already at 44.1 kHz [B, 1, L] -> upsampled audio [B, 1, L], in one window, no
+        low-frequency replacement (the reference the windowed path reduces to for short input)."""
         L = lr.shape[-1]
         c = self.norm.normalize(self.codec.encode(lr.to(self.device).float()))  # [B, C, T]
         x = self.sample_latents(c, steps, solver, cfg_scale, seed)  # [B, C, T]
         return self.codec.decode(self.norm.denormalize(x), length=L).cpu()  # [B, 1, L]
+
+    def upsample(self, audio: torch.Tensor, sr: int, **kwargs) -> UpsampleResult:
+        """Audio [C, L] at `sr` -> UpsampleResult with audio [C, ceil(L * 44100 / sr)] at 44.1 kHz.
+
+        kwargs as for `upsample_many`.
+        """
+        return next(self.upsample_many([(None, audio, sr)], **kwargs))[1]
+
+    @torch.no_grad()
+    def upsample_many(self, items: Iterable[tuple[object, torch.Tensor, int]], *,
+                      cutoff: float | str | None = "auto", lfr: bool = True, steps: int | None = None,
+                      solver: str | None = None, cfg_scale: float | None = None, seed: int = 0,
+                      progress: Progress | None = None) -> Iterator[tuple[object, UpsampleResult]]:
+        """Upsample (key, audio [C, L], sr) items, yielding (key, UpsampleResult) in input order.
+
+        Items are read lazily; windows of consecutive items share network batches. cutoff: Hz, or
+        'auto'/None to estimate it per item. lfr: keep the input's spectrum below the cutoff.
+        progress(key, done, total) is called as windows finish.
+        """
+        queue: deque = deque()  # (job, window index, channel)
+        jobs: deque[_Job] = deque()
+        items = iter(items)
+        more = True
+        while True:
+            while more and len(queue) < self.batch_size:
+                item = next(items, None)
+                if item is None:
+                    more = False
+                    break
+                job = self._prepare(*item, cutoff)
+                jobs.append(job)
+                queue.extend((job, i, ch) for i in range(len(job.ranges)) for ch in range(job.lr.shape[0]))
+                if progress:
+                    progress(job.key, 0, job.total)
+            if not queue:
+                break
+            self._run_batch([queue.popleft() for _ in range(min(self.batch_size, len(queue)))],
+                            steps, solver, cfg_scale, seed, progress)
+            while jobs and jobs[0].done == jobs[0].total:
+                job = jobs.popleft()
+                yield job.key, self._finish(job, lfr)
+
+    # --- the three stages ---------------------------------------------------------------------------
+
+    def _prepare(self, key: object, audio: torch.Tensor, sr: int, cutoff: float | str | None) -> _Job:
+        check_signal(audio, sr, key)
+        tic = time.perf_counter()
+        audio = audio.float()
+        length = output_length(audio.shape[-1], sr)
+        cut = estimate_cutoff(audio, sr) if cutoff in (None, "auto") else min(float(cutoff), sr / 2)
+        lr = resample(audio, sr, SR)[..., :length]  # [C, L']
+        lr = torch.nn.functional.pad(lr, (0, length - lr.shape[-1])).contiguous()
+        result = UpsampleResult(torch.empty(0), lr, min(cut, SR / 2), length / SR)
+        toc = self._sync()
+        z = self.codec.encode(lr[:, None].to(self.device))  # [C, Cz, T]
+        c = self.norm.normalize(z)
+        result.other_s, result.codec_s = toc - tic, self._sync() - toc
+        T = c.shape[-1]
+        ranges = window_ranges(T, self.window, self.overlap)
+        return _Job(key, lr, c, ranges, result, torch.zeros_like(c), torch.zeros(T, device=self.device))
+
+    def _run_batch(self, batch: list, steps, solver, cfg_scale, seed, progress: Progress | None) -> None:
+        sizes = [job.ranges[i][1] - job.ranges[i][0] for job, i, _ in batch]
+        width = max(sizes)
+        c = torch.zeros(len(batch), batch[0][0].c.shape[1], width, device=self.device)  # [B, Cz, W]
+        noise = torch.zeros(c.shape)  # [B, Cz, W]
+        for b, (job, i, ch) in enumerate(batch):
+            s, e = job.ranges[i]
+            c[b, :, : e - s] = job.c[ch, :, s:e]
+            noise[b, :, : e - s] = frame_noise(seed, ch, s, e, c.shape[1])
+        mask = None
+        if min(sizes) < width:
+            valid = torch.tensor(sizes, device=self.device)[:, None]  # [B, 1]
+            mask = torch.arange(width, device=self.device)[None] < valid  # [B, W]
+        tic = self._sync()
+        x = self.sample_latents(c, steps, solver, cfg_scale, noise=noise, mask=mask)  # [B, Cz, W]
+        elapsed = self._sync() - tic
+        for b, (job, i, ch) in enumerate(batch):
+            s, e = job.ranges[i]
+            w = window_weights(job.ranges, i).to(self.device)  # [e - s]
+            job.acc[ch, :, s:e] += x[b, :, : e - s] * w
+            if ch == 0:
+                job.wsum[s:e] += w
+            job.result.network_s += elapsed * sizes[b] / sum(sizes)
+            job.done += 1
+            if progress:
+                progress(job.key, job.done, job.total)
+
+    def _finish(self, job: _Job, lfr: bool) -> UpsampleResult:
+        res = job.result
+        tic = self._sync()
+        z = self.norm.denormalize(job.acc / job.wsum)  # [C, Cz, T]
+        job.acc = job.c = None
+        out = self.codec.decode(z, length=job.lr.shape[-1])[:, 0]  # [C, L']
+        toc = self._sync()
+        if lfr:
+            out = low_frequency_replace(out, job.lr, res.cutoff)
+        res.audio = out.float().cpu()
+        res.codec_s += toc - tic
+        res.other_s += self._sync() - toc
+        return res
+
+
+def check_signal(audio: torch.Tensor, sr: int, name: object = None) -> None:
+    """Raise AudioError (naming `name`) unless audio is [C, L], finite and at least MIN_SECONDS long."""
+    prefix = f"{name}: " if name is not None else ""
+    if audio.dim() != 2 or audio.shape[0] == 0:
+        raise AudioError(f"{prefix}expected audio shaped [channels, samples], got {tuple(audio.shape)}")
+    if audio.shape[-1] == 0:
+        raise AudioError(f"{prefix}audio is empty (0 samples)")
+    if audio.shape[-1] < MIN_SECONDS * sr:
+        raise AudioError(f"{prefix}too short ({audio.shape[-1] / sr * 1000:.1f} ms; "
+                         f"at least {MIN_SECONDS * 1000:.0f} ms needed)")
+    if not bool(torch.isfinite(audio).all()):
+        raise AudioError(f"{prefix}{int((~torch.isfinite(audio)).sum())} NaN/Inf samples")
+
+
+def _load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict with a one-line CheckpointError naming what does not fit."""
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(x)} {name} (first: {x[0]})" for x, name in
+                 ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape")) if x]
+        raise ckpt.CheckpointError(f"{what} do not fit the stored config: {'; '.join(parts)}")
+    module.load_state_dict(state)
