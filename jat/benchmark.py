@@ -1,0 +1,239 @@
+"""Benchmark harness: this machine's yardsticks, exact FLOP counts, and timed training/inference.
+
+Every figure is measured in one run beside its yardstick: achieved FLOP/s against the measured
+matmul peak (MFU), the optimizer step against its bandwidth bound, ours against a plain reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jat.config import FlowConfig, ModelConfig
+from jat.flow import FlowMatching
+from jat.model import JaT, RotaryEmbedding
+
+FRAMES_PER_SECOND = 44100 / 512
+
+
+def frames_for(seconds: float) -> int:
+    return math.ceil(seconds * 44100 / 512)
+
+
+# --- yardsticks --------------------------------------------------------------------------------
+
+
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Fastest of `repeats` timed calls after `warmup` untimed ones (seconds)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return min(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+    """Achieved FLOP/s of large square matmuls: the practical peak of this machine."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / best_time(lambda: a @ b, repeats)
+
+
+def copy_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """Memory copy bandwidth in bytes/s (a copy reads and writes each byte: 2 x size moved)."""
+    x = torch.empty(mbytes * 2**20 // 4, dtype=torch.float32).normal_()
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / best_time(lambda: y.copy_(x), repeats)
+
+
+class PeakRSS(contextlib.AbstractContextManager):
+    """Peak resident memory (bytes) above the level at entry, sampled from /proc every few ms."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss() - self.base)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.rss()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss() - self.base)
+
+
+# --- exact FLOP counts -------------------------------------------------------------------------
+
+
+def tokenwise_weights(cfg: ModelConfig) -> int:
+    """Weights of every matmul applied per token: patch embed, block q/k/v/out/fc1/fc2, final linear."""
+    C, p, D, kv = cfg.in_channels, cfg.patch_size, cfg.hidden_size, cfg.num_kv_heads * cfg.hidden_size // cfg.num_heads
+    inner = int(D * cfg.mlp_ratio)
+    patch = 2 * C * p * cfg.bottleneck_dim + cfg.bottleneck_dim * D
+    block = D * D + 2 * D * kv + D * D + 2 * D * inner
+    return patch + cfg.depth * block + D * C * p
+
+
+def forward_flops(cfg: ModelConfig, batch: int, frames: int) -> int:
+    """Forward FLOPs: 2 x weights x tokens for token-wise matmuls plus 4 N^2 d per attention layer
+    (per-sample adaLN and time-embedding work excluded)."""
+    N = math.ceil(frames / cfg.patch_size)
+    return batch * (2 * tokenwise_weights(cfg) * N + cfg.depth * 4 * N * N * cfg.hidden_size)
+
+
+def train_flops(cfg: ModelConfig, batch: int, frames: int) -> int:
+    return 3 * forward_flops(cfg, batch, frames)
+
+
+# --- the plain reference ------------------------------------------------------------------------
+
+
+class RefBlock(nn.Module):
+    """V2 block written plainly: explicit softmax attention with K/V repeated by repeat_interleave."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, self.h, self.hkv = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
+        self.hd = D // self.h
+        self.q, self.k = nn.Linear(D, D), nn.Linear(D, self.hkv * self.hd)
+        self.v, self.out = nn.Linear(D, self.hkv * self.hd), nn.Linear(D, D)
+        self.fc1, self.fc2 = nn.Linear(D, int(D * cfg.mlp_ratio)), nn.Linear(int(D * cfg.mlp_ratio), D)
+        self.ada = nn.Linear(D, 6 * D)
+
+    def forward(self, x, cond, rope):
+        B, N, D = x.shape
+        s1, c1, g1, s2, c2, g2 = self.ada(F.silu(cond)).unsqueeze(1).chunk(6, dim=-1)
+        h = F.layer_norm(x, (D,), eps=1e-6) * (1 + c1) + s1
+        q = self.q(h).view(B, N, self.h, self.hd).transpose(1, 2)
+        k = self.k(h).view(B, N, self.hkv, self.hd).transpose(1, 2)
+        v = self.v(h).view(B, N, self.hkv, self.hd).transpose(1, 2)
+        q, k = RotaryEmbedding.apply(q, *rope), RotaryEmbedding.apply(k, *rope)
+        k = k.repeat_interleave(self.h // self.hkv, dim=1)
+        v = v.repeat_interleave(self.h // self.hkv, dim=1)
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.hd), dim=-1)
+        x = x + g1 * self.out((w @ v).transpose(1, 2).reshape(B, N, D))
+        h = F.layer_norm(x, (D,), eps=1e-6) * (1 + c2) + s2
+        return x + g2 * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
+
+class RefJaT(nn.Module):
+    """The plain reference V2: same shapes and FLOPs as `JaT`, nothing fused."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, p, D = cfg.in_channels, cfg.patch_size, cfg.hidden_size
+        self.cfg = cfg
+        self.embed1, self.embed2 = nn.Linear(2 * C * p, cfg.bottleneck_dim), nn.Linear(cfg.bottleneck_dim, D)
+        self.t1, self.t2 = nn.Linear(cfg.time_freq_dim, D), nn.Linear(D, D)
+        self.rope = RotaryEmbedding(D // cfg.num_heads, cfg.rope_theta)
+        self.blocks = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.depth))
+        self.final_ada, self.final = nn.Linear(D, 2 * D), nn.Linear(D, C * p)
+
+    def forward(self, x_t, t, c, mask=None):
+        B, C, T = x_t.shape
+        p = self.cfg.patch_size
+        h = F.pad(torch.cat([x_t, c], 1), (0, (-T) % p))
+        N = h.shape[-1] // p
+        x = self.embed2(F.gelu(self.embed1(h.view(B, 2 * C, N, p).permute(0, 2, 1, 3).reshape(B, N, -1))))
+        half = self.cfg.time_freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+        args = t[:, None] * 1000 * freqs[None]
+        cond = self.t2(F.silu(self.t1(torch.cat([args.cos(), args.sin()], -1))))
+        rope = self.rope(torch.arange(N))
+        for block in self.blocks:
+            x = block(x, cond, rope)
+        shift, scale = self.final_ada(F.silu(cond)).unsqueeze(1).chunk(2, dim=-1)
+        out = self.final(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift)
+        return out.view(B, N, C, p).permute(0, 2, 1, 3).reshape(B, C, N * p)[..., :T]
+
+
+# --- timed runs --------------------------------------------------------------------------------
+
+
+def autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def measure_train(model: nn.Module, opt: torch.optim.Optimizer, cfg: ModelConfig, batch: int, frames: int,
+                  dtype: str, repeats: int) -> dict[str, float]:
+    """Time forward+backward and the optimizer step of one training step; peak memory above entry."""
+    C = cfg.in_channels
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(batch, C, frames, generator=g), torch.randn(batch, C, frames, generator=g)
+    flow = FlowMatching(FlowConfig(cond_dropout=0.0))
+
+    def fwd_bwd():
+        with autocast(dtype):
+            loss, _ = flow.loss(model, x, c, generator=torch.Generator().manual_seed(1))
+        loss.backward()
+
+    with PeakRSS() as mem:
+        t_fb = best_time(fwd_bwd, repeats)
+        t_opt = best_time(opt.step, repeats)
+    opt.zero_grad(set_to_none=True)
+    flops = train_flops(cfg, batch, frames)
+    tokens = batch * math.ceil(frames / cfg.patch_size)
+    return {"fwd_bwd_s": t_fb, "opt_s": t_opt, "step_s": t_fb + t_opt, "flops": flops,
+            "fwd_bwd_flops_per_s": flops / t_fb, "tokens_per_s": tokens / (t_fb + t_opt),
+            "peak_mem_mb": mem.peak / 2**20}
+
+
+def optimizer_bytes(model: nn.Module) -> int:
+    """Bytes an AdamW step must move: read param, grad, m, v and write param, m, v (fp32)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 7 * 4 * n
+
+
+def measure_inference(model: nn.Module, cfg: ModelConfig, seconds: float, steps: int, solver: str,
+                      dtype: str) -> dict[str, float]:
+    """Network time of sampling `seconds` of audio (batch 1) and its FLOP rate."""
+    frames = frames_for(seconds)
+    c = torch.randn(1, cfg.in_channels, frames, generator=torch.Generator().manual_seed(0))
+    flow = FlowMatching(FlowConfig(cond_dropout=0.0))
+    model.eval()
+
+    def run():
+        with torch.no_grad(), autocast(dtype):
+            flow.sample(model, c, steps=steps, solver=solver, noise=torch.zeros_like(c))
+
+    t = best_time(run, repeats=1, warmup=1)
+    nfe = steps if solver == "euler" else 2 * steps - 1
+    flops = nfe * forward_flops(cfg, 1, frames)
+    return {"network_s": t, "nfe": nfe, "flops_per_s": flops / t, "network_rtf": t / seconds}
+
+
+def build(kind: str, cfg: ModelConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Ours (JaT + fused AdamW, as the trainer builds it) or the plain reference (default AdamW)."""
+    torch.manual_seed(0)
+    if kind == "ours":
+        model = JaT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    else:
+        model = RefJaT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():  # non-zero gates so every block does real work in backward too
+        if p.dim() < 2:
+            nn.init.normal_(p, std=0.02)
+    return model, opt

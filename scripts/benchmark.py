@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Benchmark training and inference against this machine's yardsticks and a plain reference.
+
+    python scripts/benchmark.py [--configs small v2] [--batches 2 8] [--json OUT]
+
+Prints a table and writes JSON (flat keys such as `train.v2.bf16.b8.mfu`). Everything is measured
+in one run: MFU is achieved FLOP/s over the matmul peak measured at the start, the optimizer step
+is compared with its bandwidth bound (bytes moved / measured copy bandwidth), and ours is compared
+with a plain reference implementation (explicit attention with repeated K/V, default AdamW).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from jat.benchmark import (
+    build,
+    copy_bandwidth,
+    frames_for,
+    matmul_peak,
+    measure_inference,
+    measure_train,
+    optimizer_bytes,
+)
+from jat.codecs import build_codec
+from jat.config import CodecConfig, Config, resolve_config_path
+
+
+def model_cfg(name: str):
+    cfg = Config.from_yaml(resolve_config_path(f"{name}.yaml")).model
+    return cfg
+
+
+def codec_decode_seconds(codec_name: str, seconds: float) -> float:
+    """Decode time of `seconds` of latents; DAC uses the real 44 kHz architecture with random weights."""
+    if codec_name == "dac":
+        import dac
+
+        from jat.codecs import DACCodec
+
+        codec = DACCodec(dac.DAC().eval())
+    else:
+        codec = build_codec(CodecConfig(name="mdct"))
+    z = torch.randn(1, codec.latent_dim, frames_for(seconds))
+    with torch.no_grad():
+        codec.decode(z[..., :8])
+        tic = time.perf_counter()
+        codec.decode(z, length=round(seconds * 44100))
+    return time.perf_counter() - tic
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["small", "v2"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[2, 8])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--seconds", type=float, default=6.0, help="training clip length")
+    ap.add_argument("--infer-seconds", type=float, default=10.0)
+    ap.add_argument("--infer-steps", nargs="+", type=int, default=[8, 32])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-reference", action="store_true", help="skip the plain reference")
+    ap.add_argument("--no-dac", action="store_true", help="skip timing the DAC decoder")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    out: dict[str, float | str] = {"machine": platform.processor() or platform.machine(),
+                                   "threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    bw = copy_bandwidth()
+    out.update({"peak.fp32.gflops": peak["fp32"] / 1e9, "peak.bf16.gflops": peak["bf16"] / 1e9,
+                "copy_bandwidth.gbps": bw / 1e9})
+    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s")
+
+    frames = frames_for(args.seconds)
+    print(f"\ntraining step, {args.seconds:g} s clips ({frames} frames)")
+    print(f"{'config':<7}{'impl':<6}{'dtype':<6}{'batch':>5}{'fwd+bwd s':>11}{'MFU':>7}{'opt s':>8}"
+          f"{'opt/bound':>10}{'step s':>8}{'tokens/s':>10}{'peak MB':>9}")
+    kinds = ["ours"] + ([] if args.no_reference else ["ref"])
+    for name in args.configs:
+        cfg = model_cfg(name)
+        for kind in kinds:
+            model, opt = build(kind, cfg)
+            bound = optimizer_bytes(model) / bw
+            for dtype in args.dtypes:
+                for b in args.batches:
+                    r = measure_train(model, opt, cfg, b, frames, dtype, args.repeats)
+                    mfu = r["fwd_bwd_flops_per_s"] / peak[dtype]
+                    key = f"train.{name}.{dtype}.b{b}" + ("" if kind == "ours" else ".ref")
+                    out.update({f"{key}.{k}": v for k, v in r.items()})
+                    out[f"{key}.mfu"] = mfu
+                    out[f"{key}.opt_vs_bound"] = r["opt_s"] / bound
+                    print(f"{name:<7}{kind:<6}{dtype:<6}{b:>5}{r['fwd_bwd_s']:>11.3f}{mfu:>7.1%}{r['opt_s']:>8.3f}"
+                          f"{r['opt_s'] / bound:>10.2f}{r['step_s']:>8.3f}{r['tokens_per_s']:>10.0f}"
+                          f"{r['peak_mem_mb']:>9.0f}")
+            del model, opt
+        if "ref" in kinds:
+            for dtype in args.dtypes:
+                for b in args.batches:
+                    k = f"train.{name}.{dtype}.b{b}"
+                    out[f"{k}.speedup_vs_ref"] = out[f"{k}.ref.step_s"] / out[f"{k}.step_s"]
+                    print(f"{name} {dtype} b{b}: whole step {out[f'{k}.speedup_vs_ref']:.2f}x the reference")
+
+    print(f"\ninference, {args.infer_seconds:g} s clip, batch 1, Heun")
+    print(f"{'config':<7}{'dtype':<6}{'steps':>6}{'network s':>11}{'MFU':>7}{'codec s':>9}{'RTF':>7}")
+    for name in args.configs:
+        cfg = model_cfg(name)
+        codec_name = Config.from_yaml(resolve_config_path(f"{name}.yaml")).codec.name
+        if codec_name == "dac" and args.no_dac:
+            codec_s = float("nan")
+        else:
+            codec_s = codec_decode_seconds(codec_name, args.infer_seconds)
+        model, _ = build("ours", cfg)
+        for dtype in ("bf16",):
+            for steps in args.infer_steps:
+                r = measure_inference(model, cfg, args.infer_seconds, steps, "heun", dtype)
+                mfu = r["flops_per_s"] / peak[dtype]
+                rtf = (r["network_s"] + codec_s) / args.infer_seconds
+                key = f"infer.{name}.{dtype}.s{steps}"
+                out.update({f"{key}.{k}": v for k, v in r.items()})
+                out.update({f"{key}.mfu": mfu, f"{key}.codec_s": codec_s, f"{key}.rtf": rtf})
+                print(f"{name:<7}{dtype:<6}{steps:>6}{r['network_s']:>11.2f}{mfu:>7.1%}{codec_s:>9.2f}{rtf:>7.2f}")
+        del model
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, sort_keys=True)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The benchmark's FLOP count and its plain reference are right, so its ratios mean something."""
+
+import math
+
+import torch
+
+from jat.benchmark import RefJaT, forward_flops, measure_train, tokenwise_weights
+from jat.model import JaT, model_config
+
+
+def test_tokenwise_weights_match_the_model_layers():
+    for preset, C in (("v2", 1024), ("small", 512), ("tiny", 8)):
+        cfg = model_config(preset, in_channels=C)
+        with torch.device("meta"):
+            model = JaT(cfg)
+        linears = [model.patch_embed.proj1, model.patch_embed.proj2, model.final_layer.linear]
+        for b in model.blocks:
+            linears += [b.attn.q, b.attn.k, b.attn.v, b.attn.out, b.mlp.fc1, b.mlp.fc2]
+        assert tokenwise_weights(cfg) == sum(m.weight.numel() for m in linears)
+
+
+def test_forward_flops_by_hand_for_v2():
+    cfg = model_config("v2")
+    N = math.ceil(517 / 4)  # 130 tokens for 6 s
+    W = 8192 * 512 + 512 * 1024 + 16 * (1024 * 1024 * 2 + 2 * 1024 * 256 + 2 * 1024 * 4096) + 1024 * 4096
+    assert forward_flops(cfg, 2, 517) == 2 * (2 * W * N + 16 * 4 * N * N * 1024)
+
+
+def _copy_into_reference(model: JaT, ref: RefJaT) -> None:
+    pairs = {"embed1": model.patch_embed.proj1, "embed2": model.patch_embed.proj2,
+             "t1": model.t_embedder.mlp[0], "t2": model.t_embedder.mlp[2],
+             "final_ada": model.final_layer.adaLN_modulation[1], "final": model.final_layer.linear}
+    for name, src in pairs.items():
+        getattr(ref, name).load_state_dict(src.state_dict())
+    for rb, b in zip(ref.blocks, model.blocks):
+        for name in ("q", "k", "v", "out"):
+            getattr(rb, name).load_state_dict(getattr(b.attn, name).state_dict())
+        rb.fc1.load_state_dict(b.mlp.fc1.state_dict())
+        rb.fc2.load_state_dict(b.mlp.fc2.state_dict())
+        rb.ada.load_state_dict(b.adaLN_modulation[1].state_dict())
+
+
+def test_reference_computes_the_same_function():
+    torch.manual_seed(0)
+    cfg = model_config("small", in_channels=16)
+    model = JaT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    ref = RefJaT(cfg)
+    _copy_into_reference(model, ref)
+    x, c, t = torch.randn(2, 16, 13), torch.randn(2, 16, 13), torch.rand(2)
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, c), ref(x, t, c), atol=1e-4, rtol=1e-4)
+
+
+def test_measure_train_reports_consistent_figures():
+    cfg = model_config("tiny", in_channels=8)
+    model = JaT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    r = measure_train(model, opt, cfg, batch=2, frames=40, dtype="fp32", repeats=1)
+    assert r["fwd_bwd_s"] > 0 and r["opt_s"] > 0
+    assert r["step_s"] == r["fwd_bwd_s"] + r["opt_s"]
+    assert r["fwd_bwd_flops_per_s"] == r["flops"] / r["fwd_bwd_s"]
+    assert r["tokens_per_s"] == 2 * 10 / r["step_s"]
