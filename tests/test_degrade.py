@@ -1,0 +1,191 @@
+"""LR simulation: band limit, pass band, zero phase, stability, determinism, cutoff detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jat.config import DataConfig
+from jat.degrade import (
+    FAMILIES,
+    Degradation,
+    apply_degradation,
+    design_lowpass,
+    detect_cutoff,
+    intermediate_rate,
+    lowpass,
+    sample_degradation,
+    simulate_lowres,
+    sinc_baseline,
+)
+from jat.synth import demo_clip
+
+SR = 44100
+
+
+@pytest.fixture(scope="module")
+def noise() -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.standard_normal((1, SR)).astype(np.float32))  # [1, L] white, 1 s
+
+
+def band_energy(x: torch.Tensor | np.ndarray, lo: float, hi: float, sr: int = SR) -> float:
+    """Energy of x in [lo, hi) Hz from a Hann-windowed Welch spectrum (no truncation leakage)."""
+    f, p = scipy.signal.welch(np.asarray(x, dtype=np.float64).reshape(-1), sr, nperseg=4096)
+    return float(p[(f >= lo) & (f < hi)].sum())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cutoff", [2000.0, 5550.0, 11025.0, 16000.0])
+def test_band_limit_and_pass_band(noise, family, cutoff):
+    for order in (2, 5, 10):
+        lr = apply_degradation(noise, SR, Degradation(cutoff, family, order))
+        # Nothing survives above the cutoff itself (the resampler's transition ends there): this is
+        # stricter than the 40 dB above 1.1 x cutoff the brief asks for, and holds from order 2 up.
+        stop = 10 * np.log10(band_energy(lr, cutoff, SR / 2) / band_energy(noise, cutoff, SR / 2))
+        assert stop < -80, (family, order, stop)
+        passband = 10 * np.log10(band_energy(lr, 0, 0.8 * cutoff) / band_energy(noise, 0, 0.8 * cutoff))
+        assert -1.0 < passband < 0.1, (family, order, passband)
+
+
+@pytest.mark.parametrize(
+    "family,at_cutoff_db", [("butter", -3.0), ("bessel", -3.0), ("cheby1", -1.0), ("ellip", -1.0)]
+)
+def test_zero_phase_response_at_cutoff(family, at_cutoff_db):
+    for cutoff in (2000.0, 9000.0, 16000.0):
+        for order in (2, 5, 10):
+            sos = design_lowpass(Degradation(cutoff, family, order), SR)
+            _, h = scipy.signal.sosfreqz(sos, worN=[cutoff, 0.25 * cutoff], fs=SR)
+            db = 20 * np.log10(np.abs(h) ** 2)  # forward-backward: magnitude squared
+            assert db[0] == pytest.approx(at_cutoff_db, abs=0.05), (cutoff, order)
+            assert db[1] > -1.05  # a quarter of the cutoff is pass band for every family
+
+
+def test_steeper_with_order():
+    for family in FAMILIES:
+        # Bessel tends to a Gaussian as the order grows, so it only steepens well past the cutoff
+        probe = 12000.0 if family == "bessel" else 6000.0
+        gains = []
+        for order in (2, 6, 10):
+            sos = design_lowpass(Degradation(4000.0, family, order), SR)
+            gains.append(float(np.abs(scipy.signal.sosfreqz(sos, worN=[probe], fs=SR)[1][0])))
+        assert gains[0] > gains[1] > gains[2], family
+
+
+def test_all_orders_stable():
+    x = torch.randn(2, 4000)
+    for family in FAMILIES:
+        for cutoff in (2000.0, 16000.0):
+            for order in range(2, 11):
+                deg = Degradation(cutoff, family, order)
+                sos = design_lowpass(deg, SR)
+                poles = np.concatenate([np.roots(section[3:]) for section in sos])
+                assert np.abs(poles).max() < 1.0, (family, order, cutoff)
+                y = lowpass(x, SR, deg)
+                assert bool(torch.isfinite(y).all()) and float(y.abs().max()) < 10, (family, order, cutoff)
+            y = apply_degradation(x, SR, Degradation(cutoff, family, 10))
+            assert bool(torch.isfinite(y).all())
+
+
+def test_zero_phase_keeps_low_band_aligned(noise):
+    """Below the cutoff the LR has the HR's phase (no delay, no phase shift); a causal filter fails this."""
+    cutoff = 6000.0
+    spectrum = lambda x: np.fft.rfft(np.asarray(x, dtype=np.float64).reshape(-1))  # noqa: E731
+    f = np.fft.rfftfreq(noise.shape[-1], 1 / SR)
+    low = (f > 50) & (f < 0.5 * cutoff)
+    hr = spectrum(noise)[low]
+    for family in FAMILIES:
+        deg = Degradation(cutoff, family, 8)
+        phase = np.angle(spectrum(apply_degradation(noise, SR, deg))[low] * np.conj(hr))
+        assert np.abs(phase).mean() < 0.02, family  # radians
+        causal = scipy.signal.sosfilt(design_lowpass(deg, SR), noise.numpy())
+        assert np.abs(np.angle(spectrum(causal)[low] * np.conj(hr))).mean() > 0.5  # the check can see phase
+
+
+@pytest.mark.parametrize("length", [1, 5, 1000, 12345])
+def test_shape_type_and_length_preserved(length):
+    x = torch.randn(2, 3, length, dtype=torch.float64)
+    y = apply_degradation(x, SR, Degradation(3000.0, "cheby1", 6))
+    assert y.shape == x.shape and y.dtype == torch.float64
+    xn = np.random.default_rng(1).standard_normal(length).astype(np.float32)
+    yn = apply_degradation(xn, SR, Degradation(3000.0, "ellip", 6))
+    assert isinstance(yn, np.ndarray) and yn.shape == xn.shape and yn.dtype == np.float32
+
+
+def test_other_rates_supported():
+    x = torch.randn(1, 48000)
+    y = apply_degradation(x, 48000, Degradation(5000.0, "butter", 4))
+    assert y.shape == x.shape
+    stop = band_energy(y, 5000, 24000, sr=48000) / band_energy(x, 5000, 24000, sr=48000)
+    assert 10 * np.log10(stop) < -80
+
+
+def test_simulate_lowres_is_seeded(noise):
+    cfg = DataConfig()
+    lr1, d1 = simulate_lowres(noise, SR, np.random.default_rng(7), cfg)
+    lr2, d2 = simulate_lowres(noise, SR, np.random.default_rng(7), cfg)
+    lr3, d3 = simulate_lowres(noise, SR, np.random.default_rng(8), cfg)
+    assert d1 == d2 and torch.equal(lr1, lr2)
+    assert d1 != d3 and not torch.allclose(lr1, lr3)
+    assert cfg.cutoff_min <= d1.cutoff <= cfg.cutoff_max
+
+
+def test_sample_degradation_distribution():
+    rng = np.random.default_rng(0)
+    draws = [sample_degradation(rng, 2000.0, 16000.0, list(FAMILIES), 2, 10) for _ in range(4000)]
+    cutoffs = np.array([d.cutoff for d in draws])
+    assert cutoffs.min() >= 2000 and cutoffs.max() <= 16000
+    assert abs(cutoffs.mean() - 9000) < 200 and abs(np.median(cutoffs) - 9000) < 300  # uniform
+    assert np.histogram(cutoffs, bins=7, range=(2000, 16000))[0].min() > 450
+    assert {d.family for d in draws} == set(FAMILIES)
+    assert sorted({d.order for d in draws}) == list(range(2, 11))
+    one = sample_degradation(np.random.default_rng(0), 5000.0, 5000.0, ["bessel"], 3, 3)
+    assert one == Degradation(5000.0, "bessel", 3)
+
+
+def test_invalid_degradations_rejected():
+    with pytest.raises(ValueError, match="family"):
+        Degradation(4000.0, "cheby2", 4)
+    with pytest.raises(ValueError, match="order"):
+        Degradation(4000.0, "butter", 0)
+    with pytest.raises(ValueError, match="cutoff"):
+        Degradation(0.0, "butter", 4)
+    with pytest.raises(ValueError, match="Nyquist"):
+        lowpass(torch.randn(100), SR, Degradation(30000.0, "butter", 4))
+    with pytest.raises(ValueError):
+        sample_degradation(np.random.default_rng(0), 5000.0, 4000.0, ["butter"], 2, 10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cutoff=st.floats(1.0, 21000.0))
+def test_intermediate_rate_is_a_multiple_of_100_at_least_twice_the_cutoff(cutoff):
+    rate = intermediate_rate(cutoff)
+    assert rate % 100 == 0 and 2 * cutoff <= rate < 2 * cutoff + 100 + 1e-6
+
+
+def test_intermediate_rate_examples():
+    assert [intermediate_rate(c) for c in (2000.0, 2000.5, 11025.0, 16000.0)] == [4000, 4100, 22100, 32000]
+
+
+@pytest.mark.parametrize("cutoff", [4000.0, 8000.0, 11025.0, 16000.0])
+def test_detect_cutoff(noise, cutoff):
+    music = torch.from_numpy(demo_clip(2.0, seed=5))  # [L]
+    cases = (("bessel", 2, noise), ("ellip", 10, noise), ("butter", 6, music), ("cheby1", 4, music))
+    for family, order, x in cases:
+        lr = apply_degradation(x, SR, Degradation(cutoff, family, order))
+        assert detect_cutoff(lr, SR) == pytest.approx(cutoff, rel=0.03), (family, order)
+    # a file that really was at a lower rate, brought to 44.1 kHz
+    native = sinc_baseline(sinc_baseline(music, SR, int(2 * cutoff)), int(2 * cutoff), SR)
+    assert detect_cutoff(native, SR) == pytest.approx(cutoff, rel=0.03)
+
+
+def test_detect_cutoff_full_band_and_silence(noise):
+    assert detect_cutoff(noise, SR) == SR / 2
+    assert detect_cutoff(demo_clip(2.0), SR) == SR / 2
+    assert detect_cutoff(torch.zeros(2, SR), SR) == SR / 2
+    stereo = apply_degradation(torch.cat([noise, -noise]), SR, Degradation(7000.0, "butter", 4))  # [2, L]
+    assert detect_cutoff(stereo, SR) == pytest.approx(7000.0, rel=0.03)  # anti-phase channels do not cancel
