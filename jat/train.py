@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 
@@ -128,6 +129,15 @@ def build_train_dataset(cfg: Config) -> Dataset:
     raise ConfigError("config: data.latents or data.train must name the training data")
 
 
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator; in a single process, a second trainer may use another precision than the first
+    (accelerate keeps one global state and would refuse the change)."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision) and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 # --- the trainer -------------------------------------------------------------------------------
 
 
@@ -142,7 +152,7 @@ class Trainer:
                  validator: Any = None, resume: str | None = None, accelerator: Accelerator | None = None):
         self.cfg = cfg
         t = cfg.train
-        self.acc = accelerator or Accelerator(mixed_precision=t.mixed_precision)
+        self.acc = accelerator or make_accelerator(t.mixed_precision)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
         self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
