@@ -9,6 +9,7 @@ sees exactly the same numbers.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -29,6 +30,14 @@ from jat.codecs import LatentNorm, LatentStats, build_codec
 from jat.config import Config, ConfigError
 from jat.data import AudioSegmentDataset, LatentShardDataset, collate
 from jat.flow import FlowMatching, FlowNoise
+from jat.lora import (
+    adapter_state_dict,
+    apply_lora,
+    format_lora_report,
+    load_adapter,
+    lora_report,
+    save_adapter,
+)
 from jat.model import JaT
 
 log = logging.getLogger(__name__)
@@ -56,9 +65,10 @@ class EMA:
         params = [p.detach().float() for p in model.parameters() if p.requires_grad]
         torch._foreach_lerp_(self.shadow, params, 1 - d)
 
-    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The model's full state with trainable parameters replaced by their averages."""
-        state = dict(model.state_dict())
+    def state_dict(self, model: torch.nn.Module, full: bool = True) -> dict[str, torch.Tensor]:
+        """The model's full state with trainable parameters replaced by their averages; with
+        full=False the averages alone (LoRA modes: the adapter, no frozen base or quantization state)."""
+        state = dict(model.state_dict()) if full else {}
         state.update(zip(self.names, self.shadow))
         return state
 
@@ -165,6 +175,11 @@ class Trainer:
         if t.init_from:
             model.load_state_dict(ckpt.load_weights(t.init_from, "ema"))
             self.norm.load_state_dict(ckpt.load_weights(t.init_from, "norm"))
+        self.lora = cfg.lora.mode != "none"
+        if self.lora:  # frozen (4-bit in qlora) base + trainable adapters; quantized on the training device
+            if not t.init_from:
+                raise ConfigError(f"lora.mode={cfg.lora.mode}: train.init_from must name the base checkpoint")
+            model = apply_lora(model.to(self.acc.device), cfg.lora)
         self.model_plain = model
         self.ema = EMA(model, t.ema_decay)
         self.optimizer = build_optimizer(model, cfg, self.acc.device.type)
@@ -337,6 +352,10 @@ class Trainer:
 
     # --- validation -----------------------------------------------------------------------------
     def ema_model(self) -> JaT:
+        if self.lora:  # the adapted model with the averaged adapter
+            model = copy.deepcopy(self.acc.unwrap_model(self.model))
+            load_adapter(model, self.ema.state_dict(model, full=False))
+            return model.eval()
         model = JaT(self.cfg.model).to(self.acc.device)
         model.load_state_dict(self.ema.state_dict(self.acc.unwrap_model(self.model)))
         return model.eval()
@@ -364,10 +383,7 @@ class Trainer:
         log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
     def _log_parameters(self) -> None:
-        model = self.acc.unwrap_model(self.model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        log.info("parameters: %d trainable, %d frozen", trainable, frozen)
+        log.info("%s", format_lora_report(lora_report(self.acc.unwrap_model(self.model))))
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, metric: dict[str, float] | None = None) -> Path | None:
@@ -382,9 +398,13 @@ class Trainer:
             state = {"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
                      "skipped_steps": self.skipped_steps, "best": self.best, "metric": metric or {},
                      "losses": self.history[-1000:]}
-            ckpt.write_main(tmp, cfg=self.cfg, step=self.step, model=model.state_dict(),
-                            ema=self.ema.state_dict(model), norm=self.norm.state_dict(),
-                            optimizer=self.optimizer.state_dict(), state=state)
+            ema = self.ema.state_dict(model, full=not self.lora)
+            ckpt.write_main(tmp, cfg=self.cfg, step=self.step,
+                            model=adapter_state_dict(model) if self.lora else model.state_dict(),
+                            ema=ema, norm=self.norm.state_dict(), optimizer=self.optimizer.state_dict(),
+                            state=state)
+            if self.lora:  # the shareable artefact: EMA adapter + its config and base
+                save_adapter(tmp / "adapter.safetensors", model, self.cfg.lora, self.cfg.train.init_from, ema)
         ckpt.write_rng(tmp, acc.process_index)
         acc.wait_for_everyone()
         final = None
@@ -402,7 +422,10 @@ class Trainer:
         if not (path / "weights.safetensors").is_file():
             raise ckpt.CheckpointError(f"{path}: not a complete checkpoint")
         model = self.acc.unwrap_model(self.model)
-        model.load_state_dict(ckpt.load_weights(path, "model"))
+        if self.lora:  # the base was rebuilt from train.init_from; the checkpoint holds the adapter
+            load_adapter(model, ckpt.load_weights(path, "model"))
+        else:
+            model.load_state_dict(ckpt.load_weights(path, "model"))
         self.ema.load_state_dict(ckpt.load_weights(path, "ema"))
         self.norm.load_state_dict(ckpt.load_weights(path, "norm"))
         rest = ckpt.load_training_state(path, self.acc.process_index)

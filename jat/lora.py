@@ -1,0 +1,446 @@
+"""LoRA and QLoRA fine-tuning of a trained JaT (SPEC.md section 6).
+
+One adapter module, `LoRALinear`, wraps any frozen base linear, full precision (`lora` mode) or
+bitsandbytes NF4 with double quantization (`qlora` mode):
+
+    h = W0 x + (alpha / r) · B A dropout(x)        A [r, in] Kaiming-uniform, B [out, r] zeros
+
+so the adapted model equals its base at step 0. `apply_lora` injects adapters into the DiT block
+linears whose names match `LoraConfig.targets`, quantizes the frozen block linears in qlora mode,
+freezes everything else and optionally adds a temporal adapter after every block. Adapter
+parameters are the only trainable tensors; `adapter_state_dict` holds exactly them (no
+quantization state), `load_adapter` puts them back on a freshly adapted base, and `merge_lora`
+folds them into plain full-precision linears for export.
+
+The temporal adapter's frozen down/up projections are not part of the base checkpoint: they are
+drawn from a fixed per-block seed, so base + adapter file rebuild them exactly in a new process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from jat import checkpoint as ckpt
+from jat.config import Config, LoraConfig
+from jat.model import DiTBlock, JaT
+
+ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "dw_conv", "pw_conv", "gamma"})  # names of trainable parts
+QUANT_KEY_PARTS = ("absmax", "quant_map", "quant_state", "nested_")  # bitsandbytes state-dict entries
+TEMPORAL_SEED = 20_251_106  # + block index: the frozen temporal projections' initialisation
+ADAPTER_FORMAT = "jat-lora-1"
+
+
+# --- the adapter module -------------------------------------------------------------------------
+
+
+def is_quantized(linear: nn.Module) -> bool:
+    """True for a bitsandbytes 4-bit linear (its weight carries a quant_state)."""
+    return getattr(getattr(linear, "weight", None), "quant_state", None) is not None
+
+
+def quantize_linear(linear: nn.Linear, compute_dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """A frozen bitsandbytes `Linear4bit` (NF4, double quantization) holding `linear`'s weights.
+
+    Quantization happens on the weight's device. The CPU inference repacking of bitsandbytes
+    (bf16-only kernel, undoes double quantization) is switched off, so train and eval share one
+    numerical path and the weights stay in their canonical layout.
+    """
+    import bitsandbytes as bnb
+
+    w = linear.weight.detach()
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                          device="meta")
+    q.weight = bnb.nn.Params4bit(w.float(), requires_grad=False, compress_statistics=True,
+                                 quant_type="nf4", module=q).to(w.device)  # quantized here
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+    q.support_avx512bf16_for_cpu = False
+    return q
+
+
+def dequantize_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight [out, in] of a plain or 4-bit linear, in fp32."""
+    if not is_quantized(linear):
+        return linear.weight.detach().float()
+    import bitsandbytes.functional as bnbf
+
+    w = linear.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        raise RuntimeError("4-bit weight is in bitsandbytes' CPU inference packing: build it with "
+                           "quantize_linear")
+    return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear (plain or 4-bit) plus a trainable low-rank update (alpha / r) · B A."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        device = base.bias.device if base.bias is not None else base.weight.device
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear (and PEFT)
+        nn.init.zeros_(self.lora_B.weight)  # the update starts at exactly zero
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling  # [..., out]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update (alpha / r) · B A as a dense [out, in] fp32 matrix."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, quantized={is_quantized(self.base)}"
+
+
+def plain_linear(linear: nn.Module) -> nn.Linear:
+    """A LoRALinear, 4-bit or plain linear -> an fp32 nn.Linear computing the same map (merged)."""
+    base = linear.base if isinstance(linear, LoRALinear) else linear
+    weight = dequantize_weight(base)  # [out, in]
+    if isinstance(linear, LoRALinear):
+        weight = weight + linear.delta_weight()
+    out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if base.bias is not None:
+            out.bias.copy_(base.bias.float())
+    return out
+
+
+# --- the temporal adapter -----------------------------------------------------------------------
+
+
+def _seeded_linear(fan_in: int, fan_out: int, seed: int) -> nn.Linear:
+    """nn.Linear with its default initialisation drawn from a private generator (reproducible)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(fan_in, fan_out)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=g)
+        nn.init.uniform_(lin.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=g)
+    return lin
+
+
+class TemporalAdapter(nn.Module):
+    """Bottleneck adapter over the token axis (AdaTAD): x + gamma · up(pw(dw(GELU(down(x))))).
+
+    down/up are frozen (4-bit in qlora mode) seeded linears carrying LoRA adapters; the depthwise
+    temporal conv, the 1x1 conv and gamma (zero-initialised: identity at step 0) train in full.
+    With `lora=None` down/up are plain trainable linears (the merged, exported form).
+    """
+
+    def __init__(self, dim: int, bottleneck: int, kernel: int, seed: int, lora: LoraConfig | None = None,
+                 quantize: bool = False, compute_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        down = _seeded_linear(dim, bottleneck, seed).to(device)
+        up = _seeded_linear(bottleneck, dim, seed + 1_000_003).to(device)
+        if lora is not None:
+            if quantize:
+                down, up = quantize_linear(down, compute_dtype), quantize_linear(up, compute_dtype)
+            down = LoRALinear(down, lora.rank, lora.alpha, lora.dropout)
+            up = LoRALinear(up, lora.rank, lora.alpha, lora.dropout)
+        self.down, self.up = down, up
+        self.dw_conv = nn.Conv1d(bottleneck, bottleneck, kernel, padding="same", groups=bottleneck,
+                                 device=device)
+        self.pw_conv = nn.Conv1d(bottleneck, bottleneck, 1, device=device)
+        self.gamma = nn.Parameter(torch.zeros(dim, device=device))
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.gelu(self.down(x))  # [B, N, m]
+        if key_mask is not None:  # padding tokens must not leak into their neighbours through the conv
+            h = h * key_mask[..., None].to(h.dtype)
+        h = rearrange(h, "b n m -> b m n")
+        h = self.pw_conv(self.dw_conv(h))  # [B, m, N]
+        h = self.up(rearrange(h, "b m n -> b n m"))  # [B, N, D]
+        return x + self.gamma * h  # [B, N, D]
+
+
+class AdaptedBlock(DiTBlock):
+    """A DiT block followed by a temporal adapter. Adopts the block's submodules, so its state-dict
+    keys are the block's own plus `temporal.*`."""
+
+    def __init__(self, block: DiTBlock, temporal: TemporalAdapter):
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.temporal = temporal
+        self.train(block.training)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rope=None, key_mask=None) -> torch.Tensor:
+        return self.temporal(super().forward(x, cond, rope, key_mask), key_mask)  # [B, N, D]
+
+
+def _add_temporal_adapters(model: JaT, cfg: LoraConfig, lora: bool, quantize: bool,
+                           compute_dtype: torch.dtype) -> None:
+    device = next(model.parameters()).device
+    for i, block in enumerate(model.blocks):
+        temporal = TemporalAdapter(model.cfg.hidden_size, cfg.temporal_dim, cfg.temporal_kernel,
+                                   TEMPORAL_SEED + i, cfg if lora else None, quantize, compute_dtype, device)
+        model.blocks[i] = AdaptedBlock(block, temporal)
+
+
+# --- inject, freeze, report -------------------------------------------------------------------
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """`q` matches blocks.3.attn.q; `attn.*`, `blocks.0.*` or `*.fc?` match by glob on the name."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def block_linears(model: JaT) -> dict[str, nn.Linear]:
+    """Every linear inside the DiT blocks (temporal adapters excluded), by qualified name."""
+    out = {}
+    for name, m in model.blocks.named_modules(prefix="blocks"):
+        if isinstance(m, LoRALinear):
+            raise ValueError(f"{name}: model already carries LoRA adapters")
+        if isinstance(m, nn.Linear) and ".temporal." not in name:
+            out[name] = m
+    return out
+
+
+def is_adapter_key(name: str) -> bool:
+    """True for the name of an adapter parameter (what trains and what an adapter file holds)."""
+    return not ADAPTER_PARTS.isdisjoint(name.split("."))
+
+
+def apply_lora(model: JaT, cfg: LoraConfig, compute_dtype: torch.dtype | None = None) -> JaT:
+    """Adapt `model` in place for fine-tuning (returns it); mode `none` leaves it unchanged.
+
+    Block linears matching `cfg.targets` get `LoRALinear` adapters; in qlora mode every block linear
+    is first quantized to NF4 (4-bit compute in `compute_dtype`: bf16 when the model is on CUDA,
+    else fp32). Everything but the adapters is frozen. Quantize on the device you train on:
+    move the model there first.
+    """
+    if cfg.mode == "none":
+        return model
+    device = next(model.parameters()).device
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantize = cfg.mode == "qlora"
+    linears = block_linears(model)
+    unmatched = [p for p in cfg.targets if not any(_matches(n, p) for n in linears)]
+    if unmatched:
+        raise ValueError(f"lora.targets: {unmatched} match no linear in the DiT blocks "
+                         f"(names look like {next(iter(linears))})")
+    model.requires_grad_(False)
+    for name, linear in linears.items():
+        new = quantize_linear(linear, compute_dtype) if quantize else linear
+        if any(_matches(name, p) for p in cfg.targets):
+            new = LoRALinear(new, cfg.rank, cfg.alpha, cfg.dropout)
+        if new is not linear:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, new)
+    if cfg.temporal_adapter:
+        _add_temporal_adapters(model, cfg, lora=True, quantize=quantize, compute_dtype=compute_dtype)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if trainable != {n for n, _ in model.named_parameters() if is_adapter_key(n)}:
+        raise RuntimeError(f"adapter/frozen split is wrong: trainable {sorted(trainable)[:4]}...")
+    return model
+
+
+def build_model(cfg: Config) -> JaT:
+    """The plain network a checkpoint with this config holds: JaT, plus full-precision temporal
+    adapters for a merged export of a temporal-adapter fine-tune (lora.mode none)."""
+    model = JaT(cfg.model)
+    if cfg.lora.mode == "none" and cfg.lora.temporal_adapter:
+        _add_temporal_adapters(model, cfg.lora, lora=False, quantize=False, compute_dtype=torch.float32)
+    return model
+
+
+def _tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.device, t.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def lora_report(model: nn.Module) -> dict[str, float]:
+    """Trainable and frozen parameter counts (4-bit weights counted as their logical size), the
+    trainable fraction of all parameters, and the bytes held by the frozen and trainable tensors
+    (4-bit: packed data plus quantization statistics)."""
+    trainable = frozen = 0
+    frozen_t, trainable_t = [], []
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        n = math.prod(qs.shape) if qs is not None else p.numel()
+        (trainable_t if p.requires_grad else frozen_t).append(p.data)
+        if qs is not None:
+            frozen_t.extend(v for v in qs.as_dict().values() if torch.is_tensor(v))
+        if p.requires_grad:
+            trainable += n
+        else:
+            frozen += n
+    total = trainable + frozen
+    return {"trainable": trainable, "frozen": frozen, "total": total, "ratio": trainable / max(total, 1),
+            "frozen_bytes": _tensor_bytes(frozen_t), "trainable_bytes": _tensor_bytes(trainable_t)}
+
+
+def format_lora_report(r: dict[str, float]) -> str:
+    return (f"parameters: {r['trainable']:,} trainable, {r['frozen']:,} frozen "
+            f"(trainable {100 * r['ratio']:.3f} % of {r['total']:,}); "
+            f"frozen weights hold {r['frozen_bytes'] / 2**20:.1f} MiB")
+
+
+# --- adapter state and files ------------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter parameters only (LoRA A/B, temporal convs and gamma): no base, no quant state."""
+    return {n: p.detach() for n, p in model.named_parameters() if is_adapter_key(n)}
+
+
+def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into a model already adapted with the same LoraConfig; strict."""
+    quant = [k for k in state if any(s in k for s in QUANT_KEY_PARTS)]
+    if quant:
+        raise ValueError(f"adapter state holds quantization state ({quant[:3]}): not an adapter")
+    params = dict(model.named_parameters())
+    expected = {n for n in params if is_adapter_key(n)}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit the model: {len(missing)} missing ({missing[:4]}), "
+                         f"{len(unexpected)} unexpected ({unexpected[:4]})")
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"{name}: adapter shape {tuple(value.shape)} does not fit "
+                                 f"the model's {tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
+def save_adapter(path: str | Path, model: JaT, cfg: LoraConfig, base: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter (or `state`, e.g. EMA weights) to a safetensors file, atomically, with the
+    LoRA and model configs and the base checkpoint path in its metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = adapter_state_dict(model) if state is None else state
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    meta = {"format": ADAPTER_FORMAT, "lora": json.dumps(dataclasses.asdict(cfg)),
+            "model": json.dumps(dataclasses.asdict(model.cfg)), "base": base or ""}
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_adapter_file(path: str | Path,
+                      ema: bool = True) -> tuple[dict[str, torch.Tensor], LoraConfig, str | None]:
+    """An adapter file, or a LoRA-mode training checkpoint (its EMA or model adapter weights)
+    -> (adapter state, its LoraConfig, the base checkpoint path it was trained from, if recorded)."""
+    p = Path(path)
+    if p.is_file() and p.name != "weights.safetensors":
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != ADAPTER_FORMAT:
+            raise ckpt.CheckpointError(f"{p}: not a JaT adapter file (format {meta.get('format')!r})")
+        return load_file(str(p)), LoraConfig(**json.loads(meta["lora"])), meta.get("base") or None
+    cfg = ckpt.read_config(p)
+    if cfg.lora.mode == "none":
+        raise ckpt.CheckpointError(f"{p}: not a LoRA checkpoint (lora.mode is none)")
+    return ckpt.load_weights(p, "ema" if ema else "model"), cfg.lora, cfg.train.init_from
+
+
+def apply_adapter_file(model: JaT, path: str | Path, ema: bool = True,
+                       compute_dtype: torch.dtype | None = None) -> LoraConfig:
+    """Adapt a base model as the adapter file says and load the adapter; returns its LoraConfig."""
+    state, cfg, _ = load_adapter_file(path, ema)
+    apply_lora(model, cfg, compute_dtype)
+    load_adapter(model, state)
+    return cfg
+
+
+# --- merge, export, inference loading -----------------------------------------------------------
+
+
+def merge_lora(model: JaT) -> JaT:
+    """Fold every adapter into its base in place: dequantize, add (alpha / r) B A, and replace each
+    LoRALinear or 4-bit linear by a full-precision nn.Linear. Returns the (plain, trainable) model;
+    temporal adapters stay, with plain down/up projections."""
+    replace = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    inside = tuple(r + "." for r in replace)  # bases of the LoRALinears: replaced with them
+    replace += [n for n, m in model.named_modules() if is_quantized(m) and not n.startswith(inside)]
+    for name in replace:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, plain_linear(model.get_submodule(name)))
+    return model.requires_grad_(True)
+
+
+def load_inference_model(checkpoint: str | Path, adapter: str | Path | None = None, ema: bool = True,
+                         device: torch.device | str = "cpu") -> tuple[JaT, Config, Path]:
+    """A model ready to sample on `device` (4-bit weights quantized there; bf16 compute on CUDA):
+    a plain or merged checkpoint; or a base checkpoint plus an adapter; or a LoRA training
+    checkpoint alone (its base is its config's train.init_from).
+
+    Returns (model in eval mode, config, the checkpoint whose latent normalisation to use: the base).
+    """
+    cfg = ckpt.read_config(checkpoint)
+    base = Path(checkpoint)
+    if adapter is None and cfg.lora.mode != "none":
+        if not cfg.train.init_from:
+            raise ckpt.CheckpointError(f"{checkpoint}: LoRA checkpoint without train.init_from: "
+                                       "give the base checkpoint and this one as the adapter")
+        adapter, base = checkpoint, Path(cfg.train.init_from)
+        cfg = ckpt.read_config(base)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt.load_weights(base, "ema" if ema else "model"))
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(f"{base}: weights do not fit the stored config: {exc}") from None
+    model.to(device)
+    if adapter is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.lora = apply_adapter_file(model, adapter, ema)
+    return model.eval(), cfg, base
+
+
+def merge_checkpoint(checkpoint: str | Path, out: str | Path, adapter: str | Path | None = None) -> Path:
+    """Base checkpoint + adapter (or a LoRA training checkpoint alone) -> a full-precision checkpoint
+    `out/weights.safetensors` that loads like any trained one (model, ema, norm; lora.mode none)."""
+    model, cfg, base_path = load_inference_model(checkpoint, adapter)
+    if cfg.lora.mode == "none":
+        raise ValueError(f"{checkpoint}: no adapter to merge (give --adapter, or a LoRA training checkpoint)")
+    merge_lora(model)
+    cfg.lora = LoraConfig(mode="none", temporal_adapter=cfg.lora.temporal_adapter,
+                          temporal_dim=cfg.lora.temporal_dim, temporal_kernel=cfg.lora.temporal_kernel)
+    cfg.train.init_from = None
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {f"ema.{k}": v for k, v in state.items()}
+    tensors.update({f"model.{k}": v.clone() for k, v in state.items()})
+    tensors.update({f"norm.{k}": v for k, v in ckpt.load_weights(base_path, "norm").items()})
+    meta = {"config": json.dumps(cfg.to_dict()), "step": "0", "format": "jat-checkpoint-1",
+            "merged_from": json.dumps({"base": str(base_path), "adapter": str(adapter or checkpoint)})}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".tmp-weights.safetensors"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out / "weights.safetensors")
+    return out
