@@ -170,7 +170,21 @@ class Config:
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Config:
         cfg = _build(cls, _apply_presets(data, source), "", source)
         validate(cfg, source)
+        object.__setattr__(cfg, "source", source)  # where it came from, for later error messages
         return cfg
+
+    def check_paths(self, need_data: bool = True) -> None:
+        """Fail before any work when a path the run needs does not exist, naming the key and the file."""
+        source = getattr(self, "source", "config")
+        keys = [("data.val", self.data.val), ("train.init_from", self.train.init_from),
+                ("codec.dac_weights", self.codec.dac_weights)]
+        if need_data:
+            if not (self.data.latents or self.data.train):
+                raise ConfigError(f"{source}: data.latents or data.train must name the training data")
+            keys.insert(0, ("data.latents", self.data.latents) if self.data.latents else ("data.train", self.data.train))
+        for key, value in keys:
+            if value and not Path(value).exists():
+                raise ConfigError(f"{source}: {key}: path not found: {value}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -195,7 +209,9 @@ def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,6 +163,7 @@ class Trainer:
                  validator: Any = None, resume: str | None = None, accelerator: Accelerator | None = None):
         self.cfg = cfg
         t = cfg.train
+        cfg.check_paths(need_data=dataset is None)
         self.acc = accelerator or make_accelerator(t.mixed_precision)
         set_seed(t.seed)
         self.out = Path(t.output_dir)
@@ -389,28 +391,34 @@ class Trainer:
     def save(self, metric: dict[str, float] | None = None) -> Path | None:
         """Write a checkpoint atomically; keep the newest `keep_last` and the best by validation LSD."""
         acc, model = self.acc, self.acc.unwrap_model(self.model)
-        tmp = ckpt.begin_save(self.out, self.step) if acc.is_main_process else None
-        acc.wait_for_everyone()
         tmp = self.out / f".tmp-{ckpt.checkpoint_name(self.step)}"
         if metric and "lsd" in metric and (not self.best or metric["lsd"] < self.best["lsd"]):
             self.best = {"lsd": metric["lsd"], "name": ckpt.checkpoint_name(self.step), "step": self.step}
-        if acc.is_main_process:
-            state = {"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
-                     "skipped_steps": self.skipped_steps, "best": self.best, "metric": metric or {},
-                     "losses": self.history[-1000:]}
-            ema = self.ema.state_dict(model, full=not self.lora)
-            ckpt.write_main(tmp, cfg=self.cfg, step=self.step,
-                            model=adapter_state_dict(model) if self.lora else model.state_dict(),
-                            ema=ema, norm=self.norm.state_dict(), optimizer=self.optimizer.state_dict(),
-                            state=state)
-            if self.lora:  # the shareable artefact: EMA adapter + its config and base
-                save_adapter(tmp / "adapter.safetensors", model, self.cfg.lora, self.cfg.train.init_from, ema)
-        ckpt.write_rng(tmp, acc.process_index)
-        acc.wait_for_everyone()
-        final = None
-        if acc.is_main_process:
-            final = ckpt.finish_save(tmp)
-            ckpt.prune(self.out, self.cfg.train.keep_last, {self.best["name"]} if self.best else set())
+        try:
+            if acc.is_main_process:
+                ckpt.begin_save(self.out, self.step)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
+                         "skipped_steps": self.skipped_steps, "best": self.best, "metric": metric or {},
+                         "losses": self.history[-1000:]}
+                ema = self.ema.state_dict(model, full=not self.lora)
+                ckpt.write_main(tmp, cfg=self.cfg, step=self.step,
+                                model=adapter_state_dict(model) if self.lora else model.state_dict(),
+                                ema=ema, norm=self.norm.state_dict(), optimizer=self.optimizer.state_dict(),
+                                state=state)
+                if self.lora:  # the shareable artefact: EMA adapter + its config and base
+                    save_adapter(tmp / "adapter.safetensors", model, self.cfg.lora, self.cfg.train.init_from, ema)
+            ckpt.write_rng(tmp, acc.process_index)
+            acc.wait_for_everyone()
+            final = None
+            if acc.is_main_process:
+                final = ckpt.finish_save(tmp)
+                ckpt.prune(self.out, self.cfg.train.keep_last, {self.best["name"]} if self.best else set())
+        except OSError as exc:  # disk full, read-only or vanished output: keep what is there, say so
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.CheckpointError(f"{self.out}: could not write the checkpoint of step {self.step} "
+                                       f"({exc.strerror or exc}); earlier checkpoints are intact") from None
         acc.wait_for_everyone()
         return final
 

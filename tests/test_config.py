@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jat.config import Config, ConfigError, resolve_config_path
 from jat.model import JaT, parameter_breakdown
@@ -80,3 +82,43 @@ def test_missing_file_and_bare_name_resolution(tmp_path, monkeypatch):
     assert resolve_config_path("tiny").resolve() == (CONFIGS / "tiny.yaml").resolve()
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         resolve_config_path("nope.yaml")
+
+
+def test_missing_paths_fail_before_work_naming_key_and_file(tmp_path):
+    cfg = Config.from_yaml(CONFIGS / "tiny.yaml", [f"data.train={tmp_path}/nope"])
+    with pytest.raises(ConfigError, match=r"tiny.yaml.*data.train: path not found"):
+        cfg.check_paths()
+    cfg = Config.from_yaml(CONFIGS / "tiny.yaml", [f"data.train={tmp_path}", f"train.init_from={tmp_path}/base"])
+    with pytest.raises(ConfigError, match=r"train.init_from: path not found"):
+        cfg.check_paths()
+    with pytest.raises(ConfigError, match=r"data.latents or data.train"):
+        Config.from_yaml(CONFIGS / "tiny.yaml").check_paths()
+
+
+# random config trees: either a Config or the project's ConfigError, never another exception
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
+                     st.text(max_size=8))
+_keys = st.sampled_from(["model", "flow", "optim", "train", "data", "codec", "lora", "lr", "depth",
+                         "num_heads", "batch_size", "steps", "preset", "name", "betas", "x"])
+_trees = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                          st.dictionaries(_keys, inner, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _trees, max_size=4))
+def test_config_loader_property(tree):
+    try:
+        Config.from_dict(tree, "fuzz.yaml")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.yaml")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_config_file_random_bytes(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("cfg") / "random.yaml"
+    path.write_bytes(data)
+    try:
+        Config.from_yaml(path)
+    except ConfigError as exc:
+        assert str(path) in str(exc)

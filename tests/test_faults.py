@@ -78,3 +78,40 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     tail = json.loads((out / "losses-0.json").read_text())
     assert tail == json.loads((ref / "losses-0.json").read_text())[STEPS - len(tail):]
+
+
+def test_disk_full_during_checkpoint_keeps_previous_ones(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_worker import RandomLatents, make_config
+
+    from jat.codecs import LatentNorm
+    from jat.train import Trainer
+
+    out = tmp_path / "run"
+    trainer = Trainer(make_config(str(out), 2, 6), dataset=RandomLatents(), norm=LatentNorm.identity(512))
+    trainer.fit(until=3)
+    good = load_file(str(out / "ckpt-00000003" / "weights.safetensors"))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(ckpt.CheckpointError, match="step 6 .No space left on device.; earlier checkpoints"):
+        trainer.fit()
+    assert [p.name for p in out.iterdir() if "ckpt" in p.name] == ["ckpt-00000003"]
+    again = load_file(str(out / "ckpt-00000003" / "weights.safetensors"))
+    assert all(torch.equal(good[k], again[k]) for k in good)
+
+
+@pytest.mark.slow
+def test_one_rank_failing_stops_both_without_hanging(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29519", str(WORKER), str(tmp_path / "ddp"), "2", "50", "--fail-rank", "1"]
+    tic = time.monotonic()
+    proc = subprocess.run(launch, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1" in proc.stderr
+    assert time.monotonic() - tic < 120  # stopped, not waiting out the collective timeout
+    assert not (tmp_path / "ddp" / "final-0.safetensors").exists()  # rank 0 did not finish alone

@@ -11,6 +11,7 @@ and OUT_DIR/losses-<rank>.json.
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +43,15 @@ class RandomLatents(Dataset):
         return {"x": self.x[i], "c": self.c[i], "mask": torch.ones(T, dtype=torch.bool)}
 
 
+class FailingLatents(RandomLatents):
+    """Raises on its fifth example, as a corrupt file or a bug in one process would."""
+
+    def __getitem__(self, i):
+        if len(self.seen) >= 4:
+            raise RuntimeError(f"injected failure on rank {os.environ.get('RANK')}")
+        return super().__getitem__(i)
+
+
 def make_config(out: str, batch: int, steps: int, **extra) -> Config:
     cfg = Config.from_yaml(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", [
         f"train.output_dir={out}", f"train.batch_size={batch}", f"train.max_steps={steps}",
@@ -71,6 +81,7 @@ def main() -> None:
     ap.add_argument("steps", type=int)
     ap.add_argument("--resume", default=None)
     ap.add_argument("--slow-save", type=float, default=0.0)
+    ap.add_argument("--fail-rank", type=int, default=None, help="this rank raises after a few examples")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = args.out
@@ -78,6 +89,8 @@ def main() -> None:
         slow_down_saves(args.slow_save)
     torch.manual_seed(0)
     data = RandomLatents()
+    if args.fail_rank is not None and int(os.environ.get("RANK", "0")) == args.fail_rank:
+        data = FailingLatents()
     extra = dict(o.split("=", 1) for o in args.overrides)
     trainer = Trainer(make_config(out, args.batch, args.steps, **extra), dataset=data,
                       norm=LatentNorm.identity(C), resume=args.resume)
