@@ -134,6 +134,9 @@ def save_audio(
     os.close(fd)
     try:
         sf.write(tmp, data.T, int(sr), format=format, subtype=subtype)  # [L, C]
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a new file's usual permissions, not mkstemp's 0600
         os.replace(tmp, path)
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -1,15 +1,15 @@
 """Upsampling (SPEC.md section 7): audio at any rate and channel count -> 44.1 kHz.
 
 One signal [C, L] at rate sr goes through:
-  1. cutoff: given, or estimated from the input spectrum (`estimate_cutoff`); never above sr / 2;
-  2. sinc resampling to 44.1 kHz: lr [C, L'] with L' = ceil(L * 44100 / sr), the output length;
+  1. cutoff: given, or estimated from the input spectrum (`band.estimate_cutoff`); at most sr / 2;
+  2. sinc resampling to 44.1 kHz (`band.resample_to_44k`): lr [C, L'], L' = ceil(L * 44100 / sr);
   3. encoding, channels as a batch, and normalisation: c [C, Cz, T];
   4. windows of `window` frames overlapping by at least `overlap` frames (`window_ranges`), each
      sampled by the flow (the windows of several files share network batches), blended into one
      latent sequence with tapered weights (raised-cosine ramps over each overlap, divided by their
      sum, so they always add up to one);
   5. one decode (the codec chunks long input itself) and low-frequency replacement: below the cutoff
-     the output takes the input's own spectrum (`low_frequency_replace`).
+     the output takes the input's own spectrum (`band.low_frequency_replace`).
 
 Blending latents rather than decoded audio: the decoder sees one continuous latent sequence (no
 seam can appear in the audio that the latents do not have), and the overlaps are decoded once.
@@ -34,20 +34,18 @@ import numpy as np
 import torch
 
 from jat import checkpoint as ckpt
-from jat.audio import AudioError, resample
+from jat.audio import AudioError
+from jat.band import SR, estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
 from jat.codecs import Codec, LatentNorm, build_codec
 from jat.config import Config
-from jat.degrade import detect_cutoff
 from jat.flow import Denoiser, FlowMatching
+from jat.lora import load_inference_model
 from jat.model import JaT
 
 log = logging.getLogger(__name__)
 
-SR = 44100
 NOISE_BLOCK = 64  # frames per independently seeded noise block
 MIN_SECONDS = 0.05  # shorter inputs are rejected
-LFR_START = 0.9  # low-frequency replacement: input only below LFR_START * cutoff, model only above cutoff
-CUTOFF_SECONDS = 30.0  # cutoff detection reads at most this much audio (three excerpts)
 
 Progress = Callable[[object, int, int], None]  # (key, windows done, windows in total)
 
@@ -72,15 +70,14 @@ def pick_precision(device: torch.device, precision: str = "auto") -> torch.dtype
         raise ValueError(f"unknown precision '{precision}' (auto, fp32 or bf16)")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private oneDNN query; absent from some builds
+        native = False
+    return torch.bfloat16 if native else torch.float32
 
 
-def output_length(length: int, sr: int) -> int:
-    """Samples at 44.1 kHz for `length` samples at `sr`: ceil(length * 44100 / sr), the same duration."""
-    return -(-length * SR // sr)
-
-
-# --- pure pieces: noise, windows, cutoff, low-frequency replacement --------------------------------
+# --- noise and windows -------------------------------------------------------------------------------
 
 
 def _block_seed(seed: int, stream: int, block: int) -> int:
@@ -129,51 +126,6 @@ def window_weights(ranges: list[tuple[int, int]], i: int) -> torch.Tensor:
         n = e - ranges[i + 1][0]
         w[e - s - n :] *= ramp(n).flip(0)
     return w.float()
-
-
-def estimate_cutoff(audio: torch.Tensor, sr: int, max_seconds: float = CUTOFF_SECONDS) -> float:
-    """Band limit (Hz) of audio [C, L] at `sr` from its spectrum (`degrade.detect_cutoff`), at most sr / 2.
-
-    Long inputs are read through three evenly spaced excerpts (max_seconds in all), so cost and memory
-    stay flat with length.
-    """
-    n = round(max_seconds * sr / 3)
-    if audio.shape[-1] > 3 * n:
-        starts = np.linspace(0, audio.shape[-1] - n, 3).astype(int)
-        audio = torch.cat([audio[..., s : s + n] for s in starts])  # [3C, n] averaged in power
-    return min(float(detect_cutoff(audio, sr)), sr / 2)
-
-
-def lfr_mask(cutoff: float, n_fft: int, sr: int = SR, start: float = LFR_START) -> torch.Tensor:
-    """Weight [n_fft / 2 + 1] of the input per STFT bin: 1 below start * cutoff, 0 from the cutoff up,
-    a raised-cosine between."""
-    f = torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sr / n_fft
-    lo = start * cutoff
-    x = ((f - lo) / max(cutoff - lo, 1e-9)).clamp(0, 1)
-    return (0.5 + 0.5 * torch.cos(math.pi * x)).float()
-
-
-@torch.no_grad()
-def low_frequency_replace(out: torch.Tensor, ref: torch.Tensor, cutoff: float, sr: int = SR,
-                          n_fft: int = 2048, hop: int = 512, chunk: int = 2**20) -> torch.Tensor:
-    """out [C, L] with its band below `cutoff` replaced by ref's [C, L] (crossfaded, `lfr_mask`).
-
-    y = out + iSTFT(mask * STFT(ref - out)), computed in chunks of `chunk` samples read with n_fft of
-    context either side on the global frame grid, so memory is flat and chunks join exactly.
-    """
-    mask = lfr_mask(cutoff, n_fft, sr).to(out.device)[:, None]  # [F, 1]
-    window = torch.hann_window(n_fft, device=out.device)
-    length = out.shape[-1]
-    chunk = max(hop, chunk // hop * hop)
-    y = out.clone()
-    for a in range(0, length, chunk):
-        b = min(a + chunk, length)
-        lo, hi = max(a - n_fft, 0), min(b + n_fft, length)  # lo is on the hop grid
-        d = (ref[..., lo:hi].to(out.device) - out[..., lo:hi]).float()  # [C, l]
-        spec = torch.stft(d, n_fft, hop, window=window, center=True, pad_mode="constant", return_complex=True)
-        low = torch.istft(spec * mask, n_fft, hop, window=window, center=True, length=hi - lo)  # [C, l]
-        y[..., a:b] += low[..., a - lo : b - lo].to(y.dtype)
-    return y
 
 
 # --- the upsampler ------------------------------------------------------------------------------
@@ -246,17 +198,24 @@ class Upsampler:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", ema: bool = True,
-                        codec: Codec | None = None, precision: str = "auto", **kwargs) -> Upsampler:
+                        codec: Codec | None = None, precision: str = "auto",
+                        adapter: str | Path | None = None, **kwargs) -> Upsampler:
         """Load a checkpoint directory (or its weights.safetensors); EMA weights by default.
 
-        Raises CheckpointError (one line) when the weights, the latent statistics or the codec do not
-        fit the stored config. kwargs go to the constructor (window_seconds, batch_size, ...).
+        `adapter` (an adapter file or a LoRA training checkpoint) goes on top of the checkpoint; a LoRA
+        training checkpoint given alone loads onto its base (its train.init_from); a merged checkpoint
+        loads like any other. Raises CheckpointError (one line) when the weights, the latent
+        statistics or the codec do not fit the stored config. kwargs go to the constructor.
         """
         cfg = ckpt.read_config(path)
-        model = JaT(cfg.model)
-        _load_checked(model, ckpt.load_weights(path, "ema" if ema else "model"), f"{path}: model weights")
+        base = path
+        if adapter is not None or cfg.lora.mode != "none" or cfg.lora.temporal_adapter:
+            model, cfg, base = load_inference_model(path, adapter, ema, pick_device(device))
+        else:
+            model = JaT(cfg.model)
+            _load_checked(model, ckpt.load_weights(path, "ema" if ema else "model"), f"{path}: model weights")
         norm = LatentNorm.identity(cfg.model.in_channels)
-        _load_checked(norm, ckpt.load_weights(path, "norm"), f"{path}: latent statistics")
+        _load_checked(norm, ckpt.load_weights(base, "norm"), f"{base}: latent statistics")
         codec = codec or build_codec(cfg.codec)
         if codec.latent_dim != cfg.model.in_channels:
             raise ckpt.CheckpointError(f"{path}: codec '{cfg.codec.name}' gives {codec.latent_dim} latent "
@@ -326,6 +285,7 @@ class Upsampler:
                     more = False
                     break
                 job = self._prepare(*item, cutoff)
+                item = None  # the input at its own rate is no longer needed
                 jobs.append(job)
                 queue.extend((job, i, ch) for i in range(len(job.ranges)) for ch in range(job.lr.shape[0]))
                 if progress:
@@ -346,12 +306,11 @@ class Upsampler:
         audio = audio.float()
         length = output_length(audio.shape[-1], sr)
         cut = estimate_cutoff(audio, sr) if cutoff in (None, "auto") else min(float(cutoff), sr / 2)
-        lr = resample(audio, sr, SR)[..., :length]  # [C, L']
-        lr = torch.nn.functional.pad(lr, (0, length - lr.shape[-1])).contiguous()
+        lr = resample_to_44k(audio, sr)  # [C, L']
         result = UpsampleResult(torch.empty(0), lr, min(cut, SR / 2), length / SR)
         toc = self._sync()
-        z = self.codec.encode(lr[:, None].to(self.device))  # [C, Cz, T]
-        c = self.norm.normalize(z)
+        c = self.codec.encode(lr[:, None].to(self.device))  # [C, Cz, T], normalised in place (memory)
+        c.sub_(self.norm.mean[:, None]).div_(self.norm.std[:, None])
         result.other_s, result.codec_s = toc - tic, self._sync() - toc
         T = c.shape[-1]
         ranges = window_ranges(T, self.window, self.overlap)
@@ -387,9 +346,11 @@ class Upsampler:
     def _finish(self, job: _Job, lfr: bool) -> UpsampleResult:
         res = job.result
         tic = self._sync()
-        z = self.norm.denormalize(job.acc / job.wsum)  # [C, Cz, T]
+        z = job.acc.div_(job.wsum)  # [C, Cz, T] blended; denormalised in place below (memory)
+        z.mul_(self.norm.std[:, None]).add_(self.norm.mean[:, None])
         job.acc = job.c = None
         out = self.codec.decode(z, length=job.lr.shape[-1])[:, 0]  # [C, L']
+        del z
         toc = self._sync()
         if lfr:
             out = low_frequency_replace(out, job.lr, res.cutoff)

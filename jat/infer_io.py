@@ -1,0 +1,244 @@
+"""Files in and out of the upsampler (scripts/infer.py): finding inputs, naming outputs, refusing to
+overwrite, writing, and one clear error line per bad file while the other files go on.
+
+Safety rules: an input is never written to; an existing output is replaced only with `overwrite`;
+every output is written to a temporary file beside it and moved into place whole, and without
+`overwrite` the move is a hard link that fails if the name appeared meanwhile.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+from jat.audio import AUDIO_EXTENSIONS, AudioError, audio_info, load_audio, save_audio
+from jat.inference import SR, Progress, Upsampler, UpsampleResult, check_signal
+
+log = logging.getLogger(__name__)
+
+SUFFIX = "_jat"  # output name: <input stem>_jat.<format>
+EXTENSIONS = frozenset(AUDIO_EXTENSIONS) | {".au", ".caf", ".w64", ".rf64", ".aifc", ".snd", ".voc", ".sd2"}
+FORMATS = ("wav", "flac")
+PLOT_SECONDS = 30.0  # the spectrogram shows at most this much of the start
+
+
+@dataclass
+class Task:
+    """One input file and the files it will produce."""
+
+    input: Path
+    output: Path
+    plot: Path | None = None
+
+
+@dataclass
+class Outcome:
+    """What happened to one task: a result, or a one-line error naming the file."""
+
+    task: Task
+    result: UpsampleResult | None = None
+    error: str | None = None
+    subtype: str | None = None
+
+
+def _is_audio(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") \
+        and not p.stem.endswith(SUFFIX)
+
+
+def expand_inputs(args: list[str]) -> tuple[list[tuple[Path, Path | None]], list[str]]:
+    """Command-line inputs -> ([(file, folder it was found in or None)], [error lines]).
+
+    An argument is a file (used as given, whatever its extension), a folder (searched recursively for
+    audio files) or a glob (`**` recurses). Found files skip hidden names and earlier outputs (`*_jat.*`).
+    """
+    found: list[tuple[Path, Path | None]] = []
+    errors: list[str] = []
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if _is_audio(f))
+            if not files:
+                errors.append(f"{p}: no audio files found in this folder")
+            found += [(f, p) for f in files]
+        elif p.exists():
+            found.append((p, None))
+        elif glob.has_magic(arg):
+            files = sorted(Path(f) for f in glob.glob(arg, recursive=True) if _is_audio(Path(f)))
+            if not files:
+                errors.append(f"{arg}: no audio files match")
+            found += [(f, None) for f in files]
+        else:
+            errors.append(f"{p}: audio file not found")
+    seen: set[Path] = set()
+    unique = []
+    for f, root in found:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append((f, root))
+    return unique, errors
+
+
+def output_path(path: Path, root: Path | None, output_dir: str | Path | None, fmt: str = "wav") -> Path:
+    """name.ext -> name_jat.<fmt>: beside the input, or in output_dir (keeping the sub-folders below
+    the folder argument `root` it was found in)."""
+    name = f"{path.stem}{SUFFIX}.{fmt}"
+    if output_dir is None:
+        return path.parent / name
+    sub = path.parent.relative_to(root) if root is not None else Path()
+    return Path(output_dir) / sub / name
+
+
+def plan(inputs: list[tuple[Path, Path | None]], output_dir: str | Path | None = None, fmt: str = "wav",
+         overwrite: bool = False, plot: bool = False) -> tuple[list[Task], list[str]]:
+    """Tasks for the inputs, and an error line for every input whose outputs cannot be written safely."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown output format '{fmt}' ({', '.join(FORMATS)})")
+    protected = {p.resolve() for p, _ in inputs}
+    claimed: dict[Path, Path] = {}
+    tasks, errors = [], []
+    for path, root in inputs:
+        out = output_path(path, root, output_dir, fmt)
+        task = Task(path, out, out.with_suffix(".png") if plot else None)
+        problem = None
+        for target in filter(None, (task.output, task.plot)):
+            r = target.resolve()
+            if r in protected:
+                problem = f"{path}: output {target} is an input file; refusing to overwrite it"
+            elif r in claimed:
+                problem = f"{path}: output {target} is also the output of {claimed[r]}; rename one of them"
+            elif target.exists() and not overwrite:
+                problem = f"{path}: output {target} exists (pass --overwrite to replace it)"
+            if problem:
+                break
+        if problem:
+            errors.append(problem)
+            continue
+        for target in filter(None, (task.output, task.plot)):
+            claimed[target.resolve()] = path
+        tasks.append(task)
+    return tasks, errors
+
+
+def read_input(path: Path) -> tuple[torch.Tensor, int, str]:
+    """(audio [C, L] float32 at the file's own rate, rate, soundfile subtype); AudioError naming the file."""
+    sr, _, _ = audio_info(path)
+    audio = load_audio(path, target_sr=None, allow_silent=True)  # [C, L]
+    check_signal(audio, sr, path)
+    return audio, sr, sf.info(str(path)).subtype
+
+
+def output_subtype(fmt: str, input_subtype: str | None) -> str:
+    """Keep the input's resolution: float stays float (wav) or 24-bit (flac), 24/32-bit stay 24/32-bit
+    (flac: 24), everything else (8/16-bit, compressed) becomes 16-bit."""
+    s = (input_subtype or "").upper()
+    if s in ("FLOAT", "DOUBLE"):
+        return "FLOAT" if fmt == "wav" else "PCM_24"
+    if s in ("PCM_24", "PCM_32"):
+        return s if fmt == "wav" else "PCM_24"
+    return "PCM_16"
+
+
+def write_output(path: Path, audio: torch.Tensor, subtype: str, overwrite: bool = False) -> Path:
+    """Write audio [C, L] at 44.1 kHz, clipped to [-1, 1] for integer formats, without ever leaving a
+    partial file; without `overwrite` an existing file is left alone (AudioError)."""
+    if subtype.startswith("PCM"):
+        clipped = int((audio.abs() > 1).sum())
+        if clipped:
+            log.warning("%s: %d samples above full scale clipped", path, clipped)
+        audio = audio.clamp(-1.0, 1.0)
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.partial{path.suffix}"
+    save_audio(tmp, audio, SR, subtype=subtype)
+    try:
+        _place(tmp, path, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _place(tmp: Path, path: Path, overwrite: bool) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the usual permissions of a new file, not the temporary file's 0600
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic and fails if the name exists
+    except FileExistsError:
+        raise AudioError(f"{path}: exists (pass --overwrite to replace it)") from None
+    except OSError:  # no hard links on this file system
+        if path.exists():
+            raise AudioError(f"{path}: exists (pass --overwrite to replace it)") from None
+        os.replace(tmp, path)
+
+
+def write_plot(path: Path, result: UpsampleResult, overwrite: bool = False,
+               seconds: float = PLOT_SECONDS) -> Path:
+    """Spectrogram PNG of input (at 44.1 kHz) and output, side by side, of at most `seconds` of audio."""
+    from jat.plots import spectrogram_figure
+
+    n = round(seconds * SR)
+    fig = spectrogram_figure({"input": result.input[:, :n], "output": result.audio[:, :n]}, SR)
+    tmp = path.parent / f".{path.stem}.{os.getpid()}.partial.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, format="png", dpi=100)
+    try:
+        _place(tmp, path, overwrite)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def upsample_files(up: Upsampler, tasks: list[Task], *, fmt: str = "wav", overwrite: bool = False,
+                   progress: Progress | None = None, **kwargs) -> Iterator[Outcome]:
+    """Run the tasks (windows of several files batched together), yielding one Outcome per task.
+
+    A file that cannot be read or written gives an Outcome with its error and the others go on.
+    kwargs go to `Upsampler.upsample_many` (cutoff, lfr, steps, solver, cfg_scale, seed). Reading
+    and writing time count as 'other' in the result's timings.
+    """
+    failed: list[Outcome] = []
+    meta: dict[int, tuple[str, float]] = {}  # id(task) -> (input subtype, reading seconds)
+
+    def source():
+        for task in tasks:
+            tic = time.perf_counter()
+            try:
+                audio, sr, subtype = read_input(task.input)
+            except AudioError as exc:
+                failed.append(Outcome(task, error=str(exc)))
+                continue
+            meta[id(task)] = (subtype, time.perf_counter() - tic)
+            box = [(task, audio, sr)]
+            del audio  # hold no reference while suspended, so the engine can free it after resampling
+            yield box.pop()
+
+    for task, result in up.upsample_many(source(), progress=progress, **kwargs):
+        yield from _drain(failed)
+        subtype, read_s = meta.pop(id(task))
+        tic = time.perf_counter()
+        out_subtype = output_subtype(fmt, subtype)
+        try:
+            write_output(task.output, result.audio, out_subtype, overwrite)
+            if task.plot is not None:
+                write_plot(task.plot, result, overwrite)
+        except (AudioError, OSError) as exc:
+            yield Outcome(task, error=str(exc) if isinstance(exc, AudioError) else f"{task.output}: {exc}")
+            continue
+        result.other_s += read_s + time.perf_counter() - tic
+        yield Outcome(task, result, subtype=out_subtype)
+    yield from _drain(failed)
+
+
+def _drain(failed: list[Outcome]) -> Iterator[Outcome]:
+    while failed:
+        yield failed.pop(0)
