@@ -251,7 +251,7 @@ def _apply_presets(data: dict[str, Any], source: str) -> dict[str, Any]:
     model = data.get("model")
     if isinstance(model, dict) and model.get("preset") is not None:
         name = model["preset"]
-        if name not in MODEL_PRESETS:
+        if not isinstance(name, str) or name not in MODEL_PRESETS:
             raise ConfigError(f"{source}: model.preset: unknown preset '{name}' (choose from {sorted(MODEL_PRESETS)})")
         data = dict(data, model={**MODEL_PRESETS[name], **model})
     return data

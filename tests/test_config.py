@@ -104,7 +104,7 @@ _trees = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size
                                                           st.dictionaries(_keys, inner, max_size=4)), max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(st.dictionaries(_keys, _trees, max_size=4))
 def test_config_loader_property(tree):
     try:
@@ -113,7 +113,7 @@ def test_config_loader_property(tree):
         assert str(exc).startswith("fuzz.yaml")
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.binary(max_size=200))
 def test_config_file_random_bytes(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("cfg") / "random.yaml"

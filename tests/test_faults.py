@@ -115,3 +115,59 @@ def test_one_rank_failing_stops_both_without_hanging(tmp_path):
     assert "injected failure on rank 1" in proc.stderr
     assert time.monotonic() - tic < 120  # stopped, not waiting out the collective timeout
     assert not (tmp_path / "ddp" / "final-0.safetensors").exists()  # rank 0 did not finish alone
+
+
+# --- property-based: the audio loader on odd and broken files ---------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def odd_audio_files(draw):
+    """A real audio file with unusual parameters, possibly truncated afterwards."""
+    import numpy as np
+
+    rate = draw(st.sampled_from([1000, 4000, 8000, 11025, 22050, 44100, 48000, 96000, 192000, 384000]))
+    channels = draw(st.integers(1, 6))
+    frames = draw(st.sampled_from([0, 1, 2, 31, 1000, 4410]))
+    subtype = draw(st.sampled_from(["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"]))
+    fmt = draw(st.sampled_from(["WAV", "FLAC"])) if subtype in ("PCM_16", "PCM_24") else "WAV"
+    kind = draw(st.sampled_from(["noise", "silence", "extreme", "nan", "inf"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    data = rng.standard_normal((frames, channels)) * 0.3
+    if kind == "silence":
+        data[:] = 0
+    elif kind == "extreme":
+        data *= 1e6 if subtype in ("FLOAT", "DOUBLE") else 10
+    elif kind in ("nan", "inf") and frames and subtype in ("FLOAT", "DOUBLE"):  # only floats hold NaN
+        data.flat[rng.integers(data.size)] = np.nan if kind == "nan" else np.inf
+    cut = draw(st.one_of(st.none(), st.integers(0, 400)))
+    return rate, channels, frames, subtype, fmt, kind, data, cut
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(odd_audio_files())
+def test_audio_loader_never_crashes_on_odd_files(tmp_path_factory, case):
+    import numpy as np
+    import soundfile as sf
+
+    from jat.audio import AudioError, load_audio
+
+    rate, channels, frames, subtype, fmt, kind, data, cut = case
+    path = tmp_path_factory.mktemp("odd") / f"x.{fmt.lower()}"
+    sf.write(path, data, rate, subtype=subtype, format=fmt)
+    if cut is not None:
+        raw = path.read_bytes()
+        path.write_bytes(raw[: max(0, len(raw) - cut)])
+    try:
+        audio = load_audio(path, 44100)
+    except AudioError as exc:
+        assert str(path) in str(exc)
+        return
+    assert audio.dtype == torch.float32 and audio.shape[0] == channels and audio.shape[1] > 0
+    assert bool(torch.isfinite(audio).all()) and bool(audio.abs().amax() > 0)
+    # never more samples than the file held (after resampling to 44.1 kHz)
+    assert audio.shape[1] <= np.ceil(frames * 44100 / rate) + 1
+    if cut is None:
+        assert audio.shape[1] >= np.floor(frames * 44100 / rate) - 1
