@@ -19,7 +19,7 @@ from torch import nn
 
 from jat.config import FlowConfig, ModelConfig
 from jat.flow import FlowMatching
-from jat.model import JaT, RotaryEmbedding
+from jat.model import JaT, RotaryEmbedding, cast_linears_
 
 FRAMES_PER_SECOND = 44100 / 512
 
@@ -43,17 +43,23 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return min(times)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    """Achieved FLOP/s of large square matmuls: the practical peak of this machine."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / best_time(lambda: a @ b, repeats)
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 3072, 4096), repeats: int = 5) -> float:
+    """Achieved FLOP/s of large square matmuls, the best over a few sizes: this machine's practical peak."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        best = max(best, 2 * n**3 / best_time(lambda: a @ b, repeats))  # noqa: B023
+    return best
 
 
 def copy_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
-    """Memory copy bandwidth in bytes/s (a copy reads and writes each byte: 2 x size moved)."""
+    """Memory bandwidth in bytes/s: the better of a copy (reads and writes each byte: 2 x size moved)
+    and an in-place axpy y += a x (3 x size moved), on buffers far larger than the caches."""
     x = torch.empty(mbytes * 2**20 // 4, dtype=torch.float32).normal_()
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / best_time(lambda: y.copy_(x), repeats)
+    y = torch.zeros_like(x)
+    copy = 2 * x.numel() * 4 / best_time(lambda: y.copy_(x), repeats)
+    axpy = 3 * x.numel() * 4 / best_time(lambda: y.add_(x, alpha=0.5), repeats)
+    return max(copy, axpy)
 
 
 class PeakRSS(contextlib.AbstractContextManager):
@@ -213,6 +219,8 @@ def measure_inference(model: nn.Module, cfg: ModelConfig, seconds: float, steps:
     c = torch.randn(1, cfg.in_channels, frames, generator=torch.Generator().manual_seed(0))
     flow = FlowMatching(FlowConfig(cond_dropout=0.0))
     model.eval()
+    if dtype == "bf16":
+        cast_linears_(model, torch.bfloat16)  # as the Upsampler does
 
     def run():
         with torch.no_grad(), autocast(dtype):

@@ -40,7 +40,7 @@ from jat.codecs import Codec, LatentNorm, build_codec
 from jat.config import Config
 from jat.flow import Denoiser, FlowMatching
 from jat.lora import load_inference_model
-from jat.model import JaT
+from jat.model import JaT, cast_linears_
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,8 @@ class Upsampler:
         self.overlap = min(round(overlap_seconds * codec.frame_rate), self.window // 2)
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self.dtype = pick_precision(self.device, precision)
+        if self.dtype == torch.bfloat16:
+            cast_linears_(self.model, torch.bfloat16)  # cast once, not at every sampler step
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", ema: bool = True,

@@ -101,10 +101,12 @@ def test_rope_rotates_adjacent_pairs():
                                            torch.cos(torch.tensor(0.01)), torch.sin(torch.tensor(0.01))]))
 
 
-def test_gqa_matches_repeat_interleave_reference():
+@pytest.mark.parametrize("backend", ["sdpa", "grouped"])
+def test_gqa_matches_repeat_interleave_reference(backend):
     cfg = model_config("small", in_channels=8)
     model = JaT(cfg)
     attn = model.blocks[0].attn
+    attn.backend = backend
     x = torch.randn(2, 11, cfg.hidden_size)
     cos, sin = model.rope(torch.arange(11))
     out = attn(x, (cos, sin))
@@ -159,5 +161,25 @@ def test_sdpa_called_with_gqa(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     model = JaT(model_config("small", in_channels=8))
+    for b in model.blocks:
+        b.attn.backend = "sdpa"
     model(torch.randn(1, 8, 8), torch.rand(1), torch.randn(1, 8, 8))
-    assert seen and all(s == (6, 2, True) for s in seen)  # K/V keep their 2 heads: no repeat
+    assert len(seen) == 6 and all(s == (6, 2, True) for s in seen)  # K/V keep their 2 heads: no repeat
+
+
+def test_no_repeated_kv_in_either_backend(monkeypatch):
+    calls = []
+    for name in ("repeat_interleave", "repeat", "expand"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    q, k, v = torch.randn(2, 8, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
+    from jat.model import grouped_query_attention
+
+    a = grouped_query_attention(q, k, v, backend="grouped")
+    b = grouped_query_attention(q, k, v, backend="sdpa")
+    assert calls == [] and torch.allclose(a, b, atol=1e-5)
