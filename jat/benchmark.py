@@ -95,7 +95,8 @@ class PeakRSS(contextlib.AbstractContextManager):
 
 def tokenwise_weights(cfg: ModelConfig) -> int:
     """Weights of every matmul applied per token: patch embed, block q/k/v/out/fc1/fc2, final linear."""
-    C, p, D, kv = cfg.in_channels, cfg.patch_size, cfg.hidden_size, cfg.num_kv_heads * cfg.hidden_size // cfg.num_heads
+    C, p, D = cfg.in_channels, cfg.patch_size, cfg.hidden_size
+    kv = cfg.num_kv_heads * cfg.hidden_size // cfg.num_heads
     inner = int(D * cfg.mlp_ratio)
     patch = 2 * C * p * cfg.bottleneck_dim + cfg.bottleneck_dim * D
     block = D * D + 2 * D * kv + D * D + 2 * D * inner
@@ -245,3 +246,37 @@ def build(kind: str, cfg: ModelConfig) -> tuple[nn.Module, torch.optim.Optimizer
         if p.dim() < 2:
             nn.init.normal_(p, std=0.02)
     return model, opt
+
+
+# --- fine-tuning modes -------------------------------------------------------------------------
+
+
+def finetune_step(mode: str, preset: str = "v2", batch: int = 2, seconds: float = 6.0, dtype: str = "fp32",
+                  repeats: int = 2) -> dict[str, float]:
+    """One training step of full fine-tuning, LoRA or QLoRA (r 16 on q, k, v, out, fc1, fc2); call it
+    in a fresh process: peak memory is the process's, from before the model is built."""
+    from jat.config import LoraConfig
+    from jat.lora import apply_lora, lora_report
+    from jat.model import model_config
+
+    cfg = model_config(preset)
+    with PeakRSS() as mem:
+        torch.manual_seed(0)
+        model = JaT(cfg)
+        if mode != "full":
+            model = apply_lora(model, LoraConfig(mode=mode))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        report = lora_report(model)
+        r = measure_train(model, opt, cfg, batch, frames_for(seconds), dtype, repeats)
+    return {"step_s": r["step_s"], "fwd_bwd_s": r["fwd_bwd_s"], "opt_s": r["opt_s"],
+            "peak_mem_mb": mem.peak / 2**20, "trainable": report["trainable"], "frozen": report["frozen"],
+            "frozen_mb": report["frozen_bytes"] / 2**20}
+
+
+if __name__ == "__main__":  # python -m jat.benchmark finetune MODE [PRESET] -> one JSON line
+    import json
+    import sys
+
+    if len(sys.argv) >= 3 and sys.argv[1] == "finetune":
+        print(json.dumps(finetune_step(sys.argv[2], *(sys.argv[3:4] or ["v2"]))))

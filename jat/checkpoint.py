@@ -51,7 +51,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path,
+                  metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata=metadata)
     with open(path, "rb+") as f:
@@ -206,7 +207,8 @@ def weights_file(path: str | Path) -> Path:
     if p.is_dir():
         p = p / "weights.safetensors"
     if not p.is_file():
-        raise CheckpointError(f"{path}: no checkpoint here (expected a ckpt-* directory or weights.safetensors)")
+        raise CheckpointError(f"{path}: no checkpoint here "
+                              "(expected a ckpt-* directory or weights.safetensors)")
     return p
 
 

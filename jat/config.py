@@ -47,7 +47,8 @@ class ModelConfig:
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "v2": {},
-    "v1": dict(hidden_size=768, depth=12, num_heads=12, num_kv_heads=12, bottleneck_dim=128, pos_embed="learned"),
+    "v1": dict(hidden_size=768, depth=12, num_heads=12, num_kv_heads=12, bottleneck_dim=128,
+               pos_embed="learned"),
     "small": dict(hidden_size=384, depth=6, num_heads=6, num_kv_heads=2, bottleneck_dim=256),
     "tiny": dict(hidden_size=64, depth=2, num_heads=4, num_kv_heads=2, bottleneck_dim=64, time_freq_dim=64),
 }
@@ -181,7 +182,8 @@ class Config:
         if need_data:
             if not (self.data.latents or self.data.train):
                 raise ConfigError(f"{source}: data.latents or data.train must name the training data")
-            keys.insert(0, ("data.latents", self.data.latents) if self.data.latents else ("data.train", self.data.train))
+            keys.insert(0, ("data.latents", self.data.latents) if self.data.latents
+                        else ("data.train", self.data.train))
         for key, value in keys:
             if value and not Path(value).exists():
                 raise ConfigError(f"{source}: {key}: path not found: {value}")
@@ -252,7 +254,8 @@ def _apply_presets(data: dict[str, Any], source: str) -> dict[str, Any]:
     if isinstance(model, dict) and model.get("preset") is not None:
         name = model["preset"]
         if not isinstance(name, str) or name not in MODEL_PRESETS:
-            raise ConfigError(f"{source}: model.preset: unknown preset '{name}' (choose from {sorted(MODEL_PRESETS)})")
+            raise ConfigError(f"{source}: model.preset: unknown preset '{name}' "
+                              f"(choose from {sorted(MODEL_PRESETS)})")
         data = dict(data, model={**MODEL_PRESETS[name], **model})
     return data
 
@@ -355,7 +358,7 @@ def validate(cfg: Config, source: str) -> None:
     check(d.segment_seconds > 0, "data.segment_seconds", "must be > 0")
     check(0 < d.cutoff_min <= d.cutoff_max < 22050, "data.cutoff_min",
           f"need 0 < cutoff_min <= cutoff_max < 22050, got {d.cutoff_min}, {d.cutoff_max}")
-    check(1 <= d.order_min <= d.order_max, "data.order_min", f"need 1 <= order_min <= order_max")
+    check(1 <= d.order_min <= d.order_max, "data.order_min", "need 1 <= order_min <= order_max")
     unknown = set(d.filters) - {"butter", "cheby1", "bessel", "ellip"}
     check(bool(d.filters) and not unknown, "data.filters", f"unknown filter families {sorted(unknown)}")
     check(d.versions >= 1, "data.versions", "must be >= 1")

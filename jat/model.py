@@ -60,7 +60,8 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(max_period)
+                          * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = (t.float() * 1000.0)[:, None] * freqs[None]  # [B, dim/2]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
 
@@ -115,8 +116,8 @@ class Attention(nn.Module):
         return self.out(rearrange(o, "b h n d -> b n (h d)"))  # [B, N, D]
 
 
-def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                            backend: str = "auto") -> torch.Tensor:
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """q [B, H, N, hd], k/v [B, Hkv, N, hd] -> [B, H, N, hd]; query head h reads K/V head h // (H/Hkv).
 
     `sdpa` (the default on GPUs): fused attention through scaled_dot_product_attention with

@@ -89,8 +89,9 @@ def write_report(result: OverfitResult, out_dir, names: dict[str, str] | None = 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"input": out / "input_lr.wav", "output": out / "upsampled.wav", "reference": out / "reference.wav",
-             "spectrogram": out / "spectrogram.png", "metrics": out / "metrics.json"}
+    files = {"input": out / "input_lr.wav", "output": out / "upsampled.wav",
+             "reference": out / "reference.wav", "spectrogram": out / "spectrogram.png",
+             "metrics": out / "metrics.json"}
     save_audio(files["input"], result.lr, SR)
     save_audio(files["output"], result.output.clamp(-1, 1), SR)
     save_audio(files["reference"], result.hr, SR)
@@ -110,6 +111,7 @@ def format_metrics(m: dict[str, float]) -> str:
             ("SI-SDR (dB)", m["si_sdr_model"], m["si_sdr_baseline"])]
     lines = [f"{'metric':<20}{'model':>10}{'sinc baseline':>16}"]
     lines += [f"{name:<20}{a:>10.3f}{b:>16.3f}" for name, a, b in rows]
-    lines.append(f"{'LSD vs codec recon':<20}{m['lsd_vs_ceiling']:>10.3f}   (codec ceiling LSD {m['lsd_ceiling']:.3f})")
+    lines.append(f"{'LSD vs codec recon':<20}{m['lsd_vs_ceiling']:>10.3f}"
+                 f"   (codec ceiling LSD {m['lsd_ceiling']:.3f})")
     lines.append(f"real-time factor {m['rtf']:.3f}, loss {m['first_loss']:.3g} -> {m['final_loss']:.3g}")
     return "\n".join(lines)

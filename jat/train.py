@@ -70,7 +70,7 @@ class EMA:
         """The model's full state with trainable parameters replaced by their averages; with
         full=False the averages alone (LoRA modes: the adapter, no frozen base or quantization state)."""
         state = dict(model.state_dict()) if full else {}
-        state.update(zip(self.names, self.shadow))
+        state.update(zip(self.names, self.shadow, strict=True))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -144,7 +144,8 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     """An Accelerator; in a single process, a second trainer may use another precision than the first
     (accelerate keeps one global state and would refuse the change)."""
     state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, mixed_precision) and PartialState().num_processes == 1:
+    if (state and state.get("_mixed_precision") not in (None, mixed_precision)
+            and PartialState().num_processes == 1):
         AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision)
 
@@ -320,7 +321,7 @@ class Trainer:
 
             window.setdefault("loss", []).append(loss_mean.item())
             window.setdefault("grad_norm", []).append(float(grad_norm))
-            for tt, le in zip(torch.cat(ts).tolist(), torch.cat(per_ex).tolist()):
+            for tt, le in zip(torch.cat(ts).tolist(), torch.cat(per_ex).tolist(), strict=True):
                 window.setdefault(f"loss_t/{min(int(tt * 4), 3) / 4:.2f}", []).append(le)
             if bar is not None:
                 bar.update(1)
@@ -408,7 +409,8 @@ class Trainer:
                                 ema=ema, norm=self.norm.state_dict(), optimizer=self.optimizer.state_dict(),
                                 state=state)
                 if self.lora:  # the shareable artefact: EMA adapter + its config and base
-                    save_adapter(tmp / "adapter.safetensors", model, self.cfg.lora, self.cfg.train.init_from, ema)
+                    save_adapter(tmp / "adapter.safetensors", model, self.cfg.lora,
+                                 self.cfg.train.init_from, ema)
             ckpt.write_rng(tmp, acc.process_index)
             acc.wait_for_everyone()
             final = None

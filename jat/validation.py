@@ -76,4 +76,5 @@ class Validator:
         for kind, audio in (("lr", clip.lr), ("output", out), ("hr", clip.hr)):
             a = audio.reshape(-1).clamp(-1, 1)
             writer.add_audio(f"val_audio/{clip.name}/{kind}", a, step, sample_rate=SR)
-            writer.add_image(f"val_spec/{clip.name}/{kind}", spectrogram_image(a, SR), step, dataformats="HWC")
+            writer.add_image(f"val_spec/{clip.name}/{kind}", spectrogram_image(a, SR), step,
+                             dataformats="HWC")

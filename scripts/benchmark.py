@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 
@@ -66,6 +67,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true", help="skip the plain reference")
     ap.add_argument("--no-dac", action="store_true", help="skip timing the DAC decoder")
+    ap.add_argument("--no-finetune", action="store_true", help="skip the full/LoRA/QLoRA comparison")
+    ap.add_argument("--finetune-config", default="v2", help="model preset for the fine-tuning comparison")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -128,6 +131,18 @@ def main() -> int:
                 out.update({f"{key}.mfu": mfu, f"{key}.codec_s": codec_s, f"{key}.rtf": rtf})
                 print(f"{name:<7}{dtype:<6}{steps:>6}{r['network_s']:>11.2f}{mfu:>7.1%}{codec_s:>9.2f}{rtf:>7.2f}")
         del model
+
+    if not args.no_finetune:
+        print(f"\nfine-tuning modes, {args.finetune_config}, batch 2 of {args.seconds:g} s, fp32,"
+              " one process each")
+        print(f"{'mode':<7}{'trainable':>12}{'frozen MB':>11}{'step s':>8}{'peak MB':>9}")
+        for mode in ("full", "lora", "qlora"):
+            proc = subprocess.run([sys.executable, "-m", "jat.benchmark", "finetune", mode,
+                                   args.finetune_config],
+                                  capture_output=True, text=True, check=True)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            out.update({f"finetune.{args.finetune_config}.{mode}.{k}": v for k, v in r.items()})
+            print(f"{mode:<7}{r['trainable']:>12,}{r['frozen_mb']:>11.0f}{r['step_s']:>8.2f}{r['peak_mem_mb']:>9.0f}")
 
     if args.json:
         with open(args.json, "w") as f:

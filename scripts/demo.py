@@ -35,8 +35,8 @@ def main() -> int:
     cfg = Config.from_yaml(resolve_config_path(args.config), overrides)
     torch.manual_seed(cfg.train.seed)
     print(f"synthesising a 6 s clip (tones with vibrato, chirps to 20 kHz, noise bursts, formant speech);"
-          f" training {cfg.model.preset} for {cfg.train.max_steps} steps on its {args.cutoff / 1000:g} kHz-band"
-          f" version (mdct codec, CPU)")
+          f" training {cfg.model.preset} for {cfg.train.max_steps} steps"
+          f" on its {args.cutoff / 1000:g} kHz-band version (mdct codec, CPU)")
     tic = time.perf_counter()
     hr = torch.from_numpy(demo_clip(6.0, 44100, seed=cfg.train.seed))[None]  # [1, L]
     result = overfit_clip(cfg, hr, args.cutoff, seed=cfg.train.seed)

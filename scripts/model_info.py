@@ -43,7 +43,8 @@ def main() -> None:
             out.float().pow(2).mean().backward()
             times.append(time.perf_counter() - start)
         best = min(times[1:])
-        print(f"forward+backward {name}: {best:.3f} s  (batch {args.batch}, {args.seconds:g} s = {frames} frames)")
+        print(f"forward+backward {name}: {best:.3f} s"
+              f"  (batch {args.batch}, {args.seconds:g} s = {frames} frames)")
 
 
 if __name__ == "__main__":

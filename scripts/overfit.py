@@ -21,7 +21,8 @@ from jat.overfit import format_metrics, overfit_clip, write_report
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="small.yaml")
-    ap.add_argument("--audio", required=True, help="audio file; the first --duration seconds are used (mono mix)")
+    ap.add_argument("--audio", required=True,
+                    help="audio file; the first --duration seconds are used (mono mix)")
     ap.add_argument("--duration", type=float, default=6.0)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--cutoff", type=float, default=8000.0, help="Hz, band limit of the LR version")

@@ -26,7 +26,8 @@ from jat.validation import Validator
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML file, or a name in configs/")
-    ap.add_argument("--resume", default=None, help="'auto' (newest checkpoint in output_dir) or a checkpoint dir")
+    ap.add_argument("--resume", default=None,
+                    help="'auto' (newest checkpoint in output_dir) or a checkpoint dir")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -32,7 +32,7 @@ def _copy_into_reference(model: JaT, ref: RefJaT) -> None:
              "final_ada": model.final_layer.adaLN_modulation[1], "final": model.final_layer.linear}
     for name, src in pairs.items():
         getattr(ref, name).load_state_dict(src.state_dict())
-    for rb, b in zip(ref.blocks, model.blocks):
+    for rb, b in zip(ref.blocks, model.blocks, strict=True):
         for name in ("q", "k", "v", "out"):
             getattr(rb, name).load_state_dict(getattr(b.attn, name).state_dict())
         rb.fc1.load_state_dict(b.mlp.fc1.state_dict())

@@ -35,7 +35,8 @@ def test_base_and_preset_inheritance():
 
 
 def test_overrides(tmp_path):
-    cfg = Config.from_yaml(CONFIGS / "tiny.yaml", ["optim.lr=3e-4", "train.batch_size=5", "flow.cfg_interval=[0.1,0.9]"])
+    cfg = Config.from_yaml(CONFIGS / "tiny.yaml",
+                           ["optim.lr=3e-4", "train.batch_size=5", "flow.cfg_interval=[0.1,0.9]"])
     assert cfg.optim.lr == 3e-4 and cfg.train.batch_size == 5 and cfg.flow.cfg_interval == [0.1, 0.9]
 
 
@@ -88,7 +89,8 @@ def test_missing_paths_fail_before_work_naming_key_and_file(tmp_path):
     cfg = Config.from_yaml(CONFIGS / "tiny.yaml", [f"data.train={tmp_path}/nope"])
     with pytest.raises(ConfigError, match=r"tiny.yaml.*data.train: path not found"):
         cfg.check_paths()
-    cfg = Config.from_yaml(CONFIGS / "tiny.yaml", [f"data.train={tmp_path}", f"train.init_from={tmp_path}/base"])
+    cfg = Config.from_yaml(CONFIGS / "tiny.yaml",
+                           [f"data.train={tmp_path}", f"train.init_from={tmp_path}/base"])
     with pytest.raises(ConfigError, match=r"train.init_from: path not found"):
         cfg.check_paths()
     with pytest.raises(ConfigError, match=r"data.latents or data.train"):
@@ -100,8 +102,10 @@ _scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats
                      st.text(max_size=8))
 _keys = st.sampled_from(["model", "flow", "optim", "train", "data", "codec", "lora", "lr", "depth",
                          "num_heads", "batch_size", "steps", "preset", "name", "betas", "x"])
-_trees = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                          st.dictionaries(_keys, inner, max_size=4)), max_leaves=12)
+_trees = st.recursive(_scalars,
+                      lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                              st.dictionaries(_keys, inner, max_size=4)),
+                      max_leaves=12)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

@@ -107,8 +107,9 @@ def test_disk_full_during_checkpoint_keeps_previous_ones(tmp_path, monkeypatch):
 def test_one_rank_failing_stops_both_without_hanging(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29519", str(WORKER), str(tmp_path / "ddp"), "2", "50", "--fail-rank", "1"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29519", str(WORKER), str(tmp_path / "ddp"), "2", "50",
+              "--fail-rank", "1"]
     tic = time.monotonic()
     proc = subprocess.run(launch, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
     assert proc.returncode != 0

@@ -147,7 +147,7 @@ def test_grad_checkpointing_gives_same_gradients():
     x, c, t = torch.randn(2, 8, 16), torch.randn(2, 8, 16), torch.rand(2)
     for m in (a, b):
         m(x, t, c).pow(2).sum().backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
 
 

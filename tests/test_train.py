@@ -62,7 +62,7 @@ def test_step_batches_partition_the_global_batch():
     a = StepBatches(20, 2, 0, 2, seed=5)
     b = StepBatches(20, 2, 1, 2, seed=5)
     single = StepBatches(20, 4, 0, 1, seed=5)
-    for ra, rb, s in zip(a.epoch_batches(3), b.epoch_batches(3), single.epoch_batches(3)):
+    for ra, rb, s in zip(a.epoch_batches(3), b.epoch_batches(3), single.epoch_batches(3), strict=True):
         assert ra + rb == s and not set(ra) & set(rb)
     assert list(a.epoch_batches(0, start=2)) == list(a.epoch_batches(0))[2:]
 
@@ -85,7 +85,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     a = full.acc.unwrap_model(full.model).state_dict()
     b = resumed.acc.unwrap_model(resumed.model).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(x, y) for x, y in zip(full.ema.shadow, resumed.ema.shadow))
+    assert all(torch.equal(x, y) for x, y in zip(full.ema.shadow, resumed.ema.shadow, strict=True))
     # keep_last=2: steps 6 and 7 remain; all complete, no temporary directories left
     names = sorted(p.name for p in (tmp_path / "part").iterdir() if p.name.startswith(("ckpt", ".tmp")))
     assert names == ["ckpt-00000006", "ckpt-00000007"]
@@ -141,8 +141,8 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
 def test_two_process_ddp_matches_single_process(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              "29517", str(WORKER), str(tmp_path / "ddp"), "2", "4"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29517", str(WORKER), str(tmp_path / "ddp"), "2", "4"]
     subprocess.run(launch, check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
     subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one"), "4", "4"], check=True, env=env,
                    cwd=ROOT, timeout=600, capture_output=True)
