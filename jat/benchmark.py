@@ -274,9 +274,27 @@ def finetune_step(mode: str, preset: str = "v2", batch: int = 2, seconds: float 
             "frozen_mb": report["frozen_bytes"] / 2**20}
 
 
-if __name__ == "__main__":  # python -m jat.benchmark finetune MODE [PRESET] -> one JSON line
+def train_case(name: str, kind: str, dtype: str, batch: int, seconds: float,
+               repeats: int) -> dict[str, float]:
+    """One (config, implementation, dtype, batch) training measurement; call it in a fresh process so
+    peak memory (weights, gradients, optimizer state, activations) and timings are its own."""
+    from jat.config import Config, resolve_config_path
+
+    cfg = Config.from_yaml(resolve_config_path(f"{name}.yaml")).model
+    with PeakRSS() as mem:
+        model, opt = build(kind, cfg)
+        r = measure_train(model, opt, cfg, batch, frames_for(seconds), dtype, repeats)
+    r["peak_mem_mb"] = mem.peak / 2**20
+    r["optimizer_bytes"] = optimizer_bytes(model)
+    return r
+
+
+if __name__ == "__main__":  # one measurement in a fresh process, printed as a JSON line
     import json
     import sys
 
-    if len(sys.argv) >= 3 and sys.argv[1] == "finetune":
+    if len(sys.argv) >= 3 and sys.argv[1] == "finetune":  # finetune MODE [PRESET]
         print(json.dumps(finetune_step(sys.argv[2], *(sys.argv[3:4] or ["v2"]))))
+    elif len(sys.argv) == 8 and sys.argv[1] == "train":  # train NAME KIND DTYPE BATCH SECONDS REPEATS
+        name, kind, dtype, batch, seconds, repeats = sys.argv[2:]
+        print(json.dumps(train_case(name, kind, dtype, int(batch), float(seconds), int(repeats))))

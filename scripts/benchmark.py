@@ -26,8 +26,6 @@ from jat.benchmark import (
     frames_for,
     matmul_peak,
     measure_inference,
-    measure_train,
-    optimizer_bytes,
 )
 from jat.codecs import build_codec
 from jat.config import CodecConfig, Config, resolve_config_path
@@ -56,6 +54,15 @@ def codec_decode_seconds(codec_name: str, seconds: float) -> float:
     return time.perf_counter() - tic
 
 
+def run_case(*args) -> dict:
+    """A measurement of jat.benchmark in a fresh process (its own peak memory, no order effects)."""
+    proc = subprocess.run([sys.executable, "-m", "jat.benchmark", *map(str, args)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {args} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["small", "v2"])
@@ -64,7 +71,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="training clip length")
     ap.add_argument("--infer-seconds", type=float, default=10.0)
     ap.add_argument("--infer-steps", nargs="+", type=int, default=[8, 32])
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-reference", action="store_true", help="skip the plain reference")
     ap.add_argument("--no-dac", action="store_true", help="skip timing the DAC decoder")
     ap.add_argument("--no-finetune", action="store_true", help="skip the full/LoRA/QLoRA comparison")
@@ -88,14 +95,12 @@ def main() -> int:
           f"{'opt/bound':>10}{'step s':>8}{'tokens/s':>10}{'peak MB':>9}")
     kinds = ["ours"] + ([] if args.no_reference else ["ref"])
     for name in args.configs:
-        cfg = model_cfg(name)
-        for kind in kinds:
-            model, opt = build(kind, cfg)
-            bound = optimizer_bytes(model) / bw
-            for dtype in args.dtypes:
-                for b in args.batches:
-                    r = measure_train(model, opt, cfg, b, frames, dtype, args.repeats)
+        for dtype in args.dtypes:
+            for b in args.batches:
+                for kind in kinds:  # each in a fresh process: its own memory and no order effects
+                    r = run_case("train", name, kind, dtype, b, args.seconds, args.repeats)
                     mfu = r["fwd_bwd_flops_per_s"] / peak[dtype]
+                    bound = r["optimizer_bytes"] / bw
                     key = f"train.{name}.{dtype}.b{b}" + ("" if kind == "ours" else ".ref")
                     out.update({f"{key}.{k}": v for k, v in r.items()})
                     out[f"{key}.mfu"] = mfu
@@ -103,13 +108,10 @@ def main() -> int:
                     print(f"{name:<7}{kind:<6}{dtype:<6}{b:>5}{r['fwd_bwd_s']:>11.3f}{mfu:>7.1%}{r['opt_s']:>8.3f}"
                           f"{r['opt_s'] / bound:>10.2f}{r['step_s']:>8.3f}{r['tokens_per_s']:>10.0f}"
                           f"{r['peak_mem_mb']:>9.0f}")
-            del model, opt
-        if "ref" in kinds:
-            for dtype in args.dtypes:
-                for b in args.batches:
+                if "ref" in kinds:
                     k = f"train.{name}.{dtype}.b{b}"
                     out[f"{k}.speedup_vs_ref"] = out[f"{k}.ref.step_s"] / out[f"{k}.step_s"]
-                    print(f"{name} {dtype} b{b}: whole step {out[f'{k}.speedup_vs_ref']:.2f}x the reference")
+                    print(f"{'':<7}whole step {out[f'{k}.speedup_vs_ref']:.2f}x the reference's")
 
     print(f"\ninference, {args.infer_seconds:g} s clip, batch 1, Heun")
     print(f"{'config':<7}{'dtype':<6}{'steps':>6}{'network s':>11}{'MFU':>7}{'codec s':>9}{'RTF':>7}")
@@ -137,10 +139,7 @@ def main() -> int:
               " one process each")
         print(f"{'mode':<7}{'trainable':>12}{'frozen MB':>11}{'step s':>8}{'peak MB':>9}")
         for mode in ("full", "lora", "qlora"):
-            proc = subprocess.run([sys.executable, "-m", "jat.benchmark", "finetune", mode,
-                                   args.finetune_config],
-                                  capture_output=True, text=True, check=True)
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = run_case("finetune", mode, args.finetune_config)
             out.update({f"finetune.{args.finetune_config}.{mode}.{k}": v for k, v in r.items()})
             print(f"{mode:<7}{r['trainable']:>12,}{r['frozen_mb']:>11.0f}{r['step_s']:>8.2f}{r['peak_mem_mb']:>9.0f}")
 
