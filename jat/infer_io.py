@@ -156,7 +156,12 @@ def write_output(path: Path, audio: torch.Tensor, subtype: str, overwrite: bool 
             log.warning("%s: %d samples above full scale clipped", path, clipped)
         audio = audio.clamp(-1.0, 1.0)
     tmp = path.parent / f".{path.stem}.{os.getpid()}.partial{path.suffix}"
-    save_audio(tmp, audio, SR, subtype=subtype)
+    try:
+        save_audio(tmp, audio, SR, subtype=subtype)
+    except AudioError as exc:  # name the output the user asked for, not the temporary file
+        cause = exc.__cause__
+        reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+        raise AudioError(f"{path}: could not write audio ({reason})") from None
     try:
         _place(tmp, path, overwrite)
     finally:

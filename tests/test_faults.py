@@ -69,6 +69,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path
         assert_all_complete(out)
         resumed_from.append(ckpt.latest_checkpoint(out).name)
     assert proc.returncode == 0, "the run never finished"
+    print(f"survived {kills} SIGKILLs, {mid_write} of them during a checkpoint write")
     assert kills >= 5 and mid_write >= 2, (kills, mid_write)
     # each restart continued from the newest complete checkpoint: progress never went backwards
     steps = [int(n.split("-")[1]) for n in resumed_from]
@@ -172,3 +173,38 @@ def test_audio_loader_never_crashes_on_odd_files(tmp_path_factory, case):
     assert audio.shape[1] <= np.ceil(frames * 44100 / rate) + 1
     if cut is None:
         assert audio.shape[1] >= np.floor(frames * 44100 / rate) - 1
+
+
+def test_disk_full_during_inference_keeps_existing_output(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_inference import infer, make_checkpoint
+
+    from jat.synth import demo_clip
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    sf.write(tmp_path / "a.wav", demo_clip(0.5, 16000, seed=1), 16000)
+    sf.write(tmp_path / "b.wav", demo_clip(0.5, 16000, seed=2), 16000)
+    old = np.full(100, 0.25, dtype=np.float32)
+    sf.write(tmp_path / "a_jat.wav", old, 44100, subtype="FLOAT")
+    real_write = sf.write
+
+    def full_for_a(file, *args, **kwargs):
+        if "a_jat" in Path(file).name:
+            raise OSError(28, "No space left on device")
+        return real_write(file, *args, **kwargs)
+
+    import jat.audio
+
+    monkeypatch.setattr(jat.audio.sf, "write", full_for_a)
+    rc = infer.main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--checkpoint", str(checkpoint),
+                     "--overwrite", "--steps", "2", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    lines = [line for line in err.splitlines() if "a_jat.wav" in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0]
+    assert np.array_equal(sf.read(tmp_path / "a_jat.wav", dtype="float32")[0], old)  # untouched
+    assert (tmp_path / "b_jat.wav").is_file()  # the other file was still written
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial files left
