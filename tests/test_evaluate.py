@@ -67,9 +67,10 @@ def test_oracle_scores_zero_and_baseline_does_not(tmp_path):
 def test_script_writes_json_and_table_and_lists_bad_files(tmp_path, data):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(ckpt), "--data", str(data),
-                           "--cutoffs", "4000", "8000", "--steps", "2", "--json", str(out), "--device", "cpu"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    args = ["scripts/evaluate.py", "--checkpoint", str(ckpt), "--data", str(data), "--cutoffs", "4000",
+            "8000",
+            "--steps", "2", "--json", str(out), "--device", "cpu"]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert len(result["rows"]) == 4  # 2 good files x 2 cutoffs (b.flac: both channels in one row)
