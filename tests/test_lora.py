@@ -278,13 +278,20 @@ def _write_base_checkpoint(path: Path, seed: int = 0) -> tuple[Path, Config]:
     return ckpt.finish_save(tmp), cfg
 
 
-def test_base_plus_adapter_reproduces_outputs_bit_for_bit_in_new_process(tmp_path):
+def _adapted_base(tmp_path, seed):
+    """A base checkpoint, the QLoRA model (with temporal adapters) built on it with random adapters,
+    and the saved adapter file."""
     base_dir, cfg = _write_base_checkpoint(tmp_path / "base")
     lora = lcfg("qlora", temporal=True)
     model, _, _ = load_inference_model(base_dir)
     apply_lora(model, lora)
-    randomize_adapters(model, seed=7)
+    randomize_adapters(model, seed=seed)
     adapter = save_adapter(tmp_path / "adapter.safetensors", model, lora, base=str(base_dir))
+    return base_dir, cfg, model, adapter
+
+
+def test_base_plus_adapter_reproduces_outputs_bit_for_bit_in_new_process(tmp_path):
+    base_dir, cfg, model, adapter = _adapted_base(tmp_path, seed=7)
     x_t, t, c, mask = inputs(C=cfg.model.in_channels, T=29)
     with torch.no_grad():
         out = model.eval()(x_t, t, c, mask)
@@ -390,15 +397,13 @@ def test_tiny_qlora_finetune_lowers_validation_loss_on_new_clip():
     assert all(torch.equal(state[k], v) for k, v in frozen.items())
 
 
-# --- the trainer in LoRA mode (runs once jat/train.py carries the LoRA hooks) ----------------------
+# --- the trainer in LoRA mode ----------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog):
     import jat.train
 
-    if not hasattr(jat.train, "apply_lora"):
-        pytest.skip("jat/train.py has no LoRA mode yet")
     sys.path.insert(0, str(Path(__file__).parent))
     from train_worker import RandomLatents, make_config
 
@@ -443,18 +448,9 @@ def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog
 
 @pytest.mark.slow
 def test_upsampler_loads_base_plus_adapter(tmp_path):
-    import inspect
-
     from jat.inference import Upsampler
 
-    if "adapter" not in inspect.signature(Upsampler.from_checkpoint).parameters:
-        pytest.skip("Upsampler.from_checkpoint takes no adapter yet")
-    base_dir, _ = _write_base_checkpoint(tmp_path / "base")
-    lora = lcfg("qlora", temporal=True)
-    model, _, _ = load_inference_model(base_dir)
-    apply_lora(model, lora)
-    randomize_adapters(model, seed=4)
-    adapter = save_adapter(tmp_path / "adapter.safetensors", model, lora, base=str(base_dir))
+    base_dir, _, model, adapter = _adapted_base(tmp_path, seed=4)
     up = Upsampler.from_checkpoint(base_dir, device="cpu", adapter=adapter, precision="fp32")
     args = inputs(C=512, T=21)
     with torch.no_grad():
