@@ -93,7 +93,10 @@ class FlowMatching:
         z_t = tb * x + (1 - tb) * eps  # [B, C, T]
         c = torch.where(noise.drop.view(B, 1, 1), self.null_condition(c), c)
 
-        x_hat = model(z_t, t, c, mask)  # [B, C, T]
+        # a full mask is passed as None: fused attention kernels need no mask, and a compiled model
+        # sees no data-dependent branch
+        model_mask = None if mask is None or bool(mask.all()) else mask
+        x_hat = model(z_t, t, c, model_mask)  # [B, C, T]
         denom = (1 - tb).clamp_min(self.cfg.t_eps)
         v = (x - z_t) / denom
         v_hat = (x_hat.float() - z_t) / denom

@@ -183,7 +183,7 @@ class Trainer:
             if not t.init_from:
                 raise ConfigError(f"lora.mode={cfg.lora.mode}: train.init_from must name the base checkpoint")
             model = apply_lora(model.to(self.acc.device), cfg.lora)
-        self.model_plain = model
+        self.model_plain = model  # the bare network (state dicts, EMA); self.model may be compiled/wrapped
         self.ema = EMA(model, t.ema_decay)
         self.optimizer = build_optimizer(model, cfg, self.acc.device.type)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -308,7 +308,7 @@ class Trainer:
             if finite:
                 self.optimizer.step()
                 self.scheduler.step()
-                self.ema.update(acc.unwrap_model(self.model), self.step - self.skipped_steps)
+                self.ema.update(self.model_plain, self.step - self.skipped_steps)
                 self.bad_steps = 0
             else:
                 self.bad_steps += 1
@@ -356,11 +356,11 @@ class Trainer:
     # --- validation -----------------------------------------------------------------------------
     def ema_model(self) -> JaT:
         if self.lora:  # the adapted model with the averaged adapter
-            model = copy.deepcopy(self.acc.unwrap_model(self.model))
+            model = copy.deepcopy(self.model_plain)
             load_adapter(model, self.ema.state_dict(model, full=False))
             return model.eval()
         model = JaT(self.cfg.model).to(self.acc.device)
-        model.load_state_dict(self.ema.state_dict(self.acc.unwrap_model(self.model)))
+        model.load_state_dict(self.ema.state_dict(self.model_plain))
         return model.eval()
 
     def validate(self) -> dict[str, float]:
@@ -386,12 +386,12 @@ class Trainer:
         log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
     def _log_parameters(self) -> None:
-        log.info("%s", format_lora_report(lora_report(self.acc.unwrap_model(self.model))))
+        log.info("%s", format_lora_report(lora_report(self.model_plain)))
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, metric: dict[str, float] | None = None) -> Path | None:
         """Write a checkpoint atomically; keep the newest `keep_last` and the best by validation LSD."""
-        acc, model = self.acc, self.acc.unwrap_model(self.model)
+        acc, model = self.acc, self.model_plain
         tmp = self.out / f".tmp-{ckpt.checkpoint_name(self.step)}"
         if metric and "lsd" in metric and (not self.best or metric["lsd"] < self.best["lsd"]):
             self.best = {"lsd": metric["lsd"], "name": ckpt.checkpoint_name(self.step), "step": self.step}
@@ -431,7 +431,7 @@ class Trainer:
             return
         if not (path / "weights.safetensors").is_file():
             raise ckpt.CheckpointError(f"{path}: not a complete checkpoint")
-        model = self.acc.unwrap_model(self.model)
+        model = self.model_plain
         if self.lora:  # the base was rebuilt from train.init_from; the checkpoint holds the adapter
             load_adapter(model, ckpt.load_weights(path, "model"))
         else:

@@ -1,6 +1,7 @@
 """The trainer: schedule, optimizer groups, EMA, atomic checkpoints, exact resume, and DDP on CPU."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -160,3 +161,13 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert any(not torch.allclose(init[k], one[k]) for k in one if k in init)
     losses0 = json.loads((tmp_path / "ddp" / "losses-0.json").read_text())
     assert losses0 == pytest.approx(json.loads((tmp_path / "one" / "losses-0.json").read_text()), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_checkpoints_plain_names(tmp_path):
+    cfg = make_config(str(tmp_path / "c"), 2, 2, **{"train.compile": "true", "train.ckpt_every": 2})
+    trainer = Trainer(cfg, dataset=RandomLatents(), norm=LatentNorm.identity(512))
+    trainer.fit()
+    weights = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "c"), "ema")
+    assert set(weights) == set(JaT(cfg.model).state_dict())  # no "_orig_mod." prefixes
+    assert len(trainer.history) == 2 and all(math.isfinite(x) for x in trainer.history)
