@@ -15,7 +15,8 @@ from jat import checkpoint as ckpt
 from jat.codecs import LatentNorm
 from jat.config import Config
 from jat.model import JaT, model_config
-from jat.train import EMA, StepBatches, Trainer, build_optimizer, lr_lambda
+from jat.optim import EMA, build_optimizer, lr_lambda
+from jat.train import StepBatches, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import RandomLatents, make_config  # noqa: E402
