@@ -44,6 +44,7 @@ FAMILIES = ("butter", "cheby1", "bessel", "ellip")
 CHEBY_RIPPLE_DB = 0.5  # pass-band ripple of cheby1 and ellip (per pass)
 ELLIP_STOP_DB = 60.0  # stop-band attenuation of ellip (per pass)
 RATE_STEP = 100  # the intermediate rate is a multiple of this (Hz)
+EVAL_FILTER = ("butter", 8)  # the fixed degradation of validation and evaluation clips: family, order
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from jat.audio import AudioError, list_audio_files, load_audio
-from jat.degrade import Degradation, apply_degradation
+from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.inference import Upsampler
 from jat.metrics import evaluate_pair
 
 log = logging.getLogger(__name__)
 
 SR = 44100
-PROTOCOL = {"filter": "butter", "order": 8, "phase": "zero (sosfiltfilt)",
+PROTOCOL = {"filter": EVAL_FILTER[0], "order": EVAL_FILTER[1], "phase": "zero (sosfiltfilt)",
             "resampler": "torchaudio sinc (Kaiser), through 2 x cutoff rounded up to 100 Hz",
             "channels": "each channel scored separately, then averaged", "sample_rate": SR}
 METRICS = ("lsd", "lsd_hf", "lsd_lf", "si_sdr")

@@ -12,7 +12,7 @@ import torch
 
 from jat.audio import list_audio_files, load_audio
 from jat.config import Config
-from jat.degrade import Degradation, apply_degradation
+from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.inference import Upsampler
 from jat.metrics import evaluate_pair
 from jat.plots import spectrogram_image
@@ -30,7 +30,8 @@ class ValClip:
     cutoff: float
 
 
-def make_clip(name: str, hr: torch.Tensor, cutoff: float, family: str = "butter", order: int = 8) -> ValClip:
+def make_clip(name: str, hr: torch.Tensor, cutoff: float, family: str = EVAL_FILTER[0],
+              order: int = EVAL_FILTER[1]) -> ValClip:
     """A validation clip: HR mono audio [1, L] and its LR version under a fixed, recorded degradation."""
     lr = apply_degradation(hr, SR, Degradation(cutoff, family, order))  # [1, L]
     return ValClip(name, hr, torch.as_tensor(lr, dtype=torch.float32), cutoff)
