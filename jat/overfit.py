@@ -18,7 +18,7 @@ from jat.config import Config
 from jat.inference import Upsampler
 from jat.metrics import evaluate_pair, lsd
 from jat.train import Trainer
-from jat.validation import Validator, make_clip
+from jat.validation import make_clip
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,8 @@ def overfit_clip(cfg: Config, hr: torch.Tensor, cutoff: float = 8000.0, seed: in
     stats.update(x[None])
     norm = stats.finalize()
     dataset = RepeatedPair(x, c, n=cfg.train.batch_size * 64)
-    validator = Validator([clip], steps=cfg.train.val_steps, seed=seed)
-    trainer = Trainer(cfg, dataset=dataset, norm=norm, validator=validator)
-    trainer._codec = codec
+    # no in-training validator: the clip is sampled and scored once, below, after training
+    trainer = Trainer(cfg, dataset=dataset, norm=norm)
     trainer.fit()
 
     up = Upsampler(trainer.ema_model(), trainer.norm, codec, trainer.flow, trainer.acc.device, cfg)

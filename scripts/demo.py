@@ -30,7 +30,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     overrides = [f"train.output_dir={args.out}/train"] + args.overrides
     if args.steps:
-        overrides += [f"train.max_steps={args.steps}", f"train.val_every={args.steps}",
+        overrides += [f"train.max_steps={args.steps}",
                       f"train.ckpt_every={args.steps}"]
     cfg = Config.from_yaml(resolve_config_path(args.config), overrides)
     torch.manual_seed(cfg.train.seed)

@@ -31,7 +31,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     try:
-        overrides = [f"train.max_steps={args.steps}", f"train.val_every={args.steps}",
+        overrides = [f"train.max_steps={args.steps}",
                      f"train.ckpt_every={args.steps}", f"train.output_dir={args.out}/train"] + args.overrides
         cfg = Config.from_yaml(resolve_config_path(args.config), overrides)
         hr = load_audio(args.audio, 44100, mono=True)[:, : round(args.duration * 44100)]  # [1, L]
