@@ -17,16 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jat.codecs import latent_frames
 from jat.config import FlowConfig, ModelConfig
 from jat.flow import FlowMatching
 from jat.model import JaT, RotaryEmbedding, cast_linears_
-
-FRAMES_PER_SECOND = 44100 / 512
-
-
-def frames_for(seconds: float) -> int:
-    return math.ceil(seconds * 44100 / 512)
-
 
 # --- yardsticks --------------------------------------------------------------------------------
 
@@ -216,7 +210,7 @@ def optimizer_bytes(model: nn.Module) -> int:
 def measure_inference(model: nn.Module, cfg: ModelConfig, seconds: float, steps: int, solver: str,
                       dtype: str) -> dict[str, float]:
     """Network time of sampling `seconds` of audio (batch 1) and its FLOP rate."""
-    frames = frames_for(seconds)
+    frames = latent_frames(seconds)
     c = torch.randn(1, cfg.in_channels, frames, generator=torch.Generator().manual_seed(0))
     flow = FlowMatching(FlowConfig(cond_dropout=0.0))
     model.eval()
@@ -268,7 +262,7 @@ def finetune_step(mode: str, preset: str = "v2", batch: int = 2, seconds: float 
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         report = lora_report(model)
-        r = measure_train(model, opt, cfg, batch, frames_for(seconds), dtype, repeats)
+        r = measure_train(model, opt, cfg, batch, latent_frames(seconds), dtype, repeats)
     return {"step_s": r["step_s"], "fwd_bwd_s": r["fwd_bwd_s"], "opt_s": r["opt_s"],
             "peak_mem_mb": mem.peak / 2**20, "trainable": report["trainable"], "frozen": report["frozen"],
             "frozen_mb": report["frozen_bytes"] / 2**20}
@@ -283,7 +277,7 @@ def train_case(name: str, kind: str, dtype: str, batch: int, seconds: float,
     cfg = Config.from_yaml(resolve_config_path(f"{name}.yaml")).model
     with PeakRSS() as mem:
         model, opt = build(kind, cfg)
-        r = measure_train(model, opt, cfg, batch, frames_for(seconds), dtype, repeats)
+        r = measure_train(model, opt, cfg, batch, latent_frames(seconds), dtype, repeats)
     r["peak_mem_mb"] = mem.peak / 2**20
     r["optimizer_bytes"] = optimizer_bytes(model)
     return r

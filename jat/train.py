@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 
 from jat import checkpoint as ckpt
-from jat.codecs import LatentNorm, LatentStats, build_codec
+from jat.codecs import LatentNorm, LatentStats, build_codec, latent_frames
 from jat.config import Config, ConfigError
 from jat.data import AudioSegmentDataset, LatentShardDataset, collate
 from jat.flow import FlowMatching, FlowNoise
@@ -81,7 +81,7 @@ class Batch:
 def build_train_dataset(cfg: Config) -> Dataset:
     d = cfg.data
     if d.latents:
-        frames = math.ceil(d.segment_seconds * 44100 / 512)
+        frames = latent_frames(d.segment_seconds)
         return LatentShardDataset(d.latents, segment_frames=frames, seed=cfg.train.seed)
     if d.train:
         return AudioSegmentDataset(d.train, d, seed=cfg.train.seed)

@@ -23,11 +23,10 @@ import torch
 from jat.benchmark import (
     build,
     copy_bandwidth,
-    frames_for,
     matmul_peak,
     measure_inference,
 )
-from jat.codecs import build_codec
+from jat.codecs import build_codec, latent_frames
 from jat.config import CodecConfig, Config, resolve_config_path
 
 
@@ -46,7 +45,7 @@ def codec_decode_seconds(codec_name: str, seconds: float) -> float:
         codec = DACCodec(dac.DAC().eval())
     else:
         codec = build_codec(CodecConfig(name="mdct"))
-    z = torch.randn(1, codec.latent_dim, frames_for(seconds))
+    z = torch.randn(1, codec.latent_dim, latent_frames(seconds))
     with torch.no_grad():
         codec.decode(z[..., :8])
         tic = time.perf_counter()
@@ -89,7 +88,7 @@ def main() -> int:
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
           f"copy bandwidth {bw / 1e9:.1f} GB/s")
 
-    frames = frames_for(args.seconds)
+    frames = latent_frames(args.seconds)
     print(f"\ntraining step, {args.seconds:g} s clips ({frames} frames)")
     print(f"{'config':<7}{'impl':<6}{'dtype':<6}{'batch':>5}{'fwd+bwd s':>11}{'MFU':>7}{'opt s':>8}"
           f"{'opt/bound':>10}{'step s':>8}{'tokens/s':>10}{'peak MB':>9}")

@@ -277,3 +277,12 @@ def test_latent_norm_round_trip_floor_and_save(tmp_path):
     torch.testing.assert_close(fresh.std, norm.std)
     with pytest.raises(ValueError, match="positive"):
         LatentNorm(torch.zeros(2), torch.tensor([1.0, 0.0]))
+
+
+def test_latent_frames_matches_the_codecs():
+    from jat.codecs import latent_frames
+
+    codec = MDCTCodec()
+    for seconds in (0.5, 1.0, 6.0, 10.0, 6.01):
+        assert latent_frames(seconds) == codec.num_frames(round(seconds * 44100))
+    assert latent_frames(6.0) == 517

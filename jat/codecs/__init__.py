@@ -8,7 +8,7 @@ centred on samples [t*512, (t+1)*512). The `dac` package is imported only when a
 from __future__ import annotations
 
 from ..config import CodecConfig
-from .base import Codec, CodecError, chunk_ranges
+from .base import Codec, CodecError, chunk_ranges, latent_frames
 from .dac import DACCodec, load_dac_model
 from .mdct import MDCTCodec
 from .norm import LatentNorm, LatentStats
@@ -22,6 +22,7 @@ __all__ = [
     "MDCTCodec",
     "build_codec",
     "chunk_ranges",
+    "latent_frames",
     "load_dac_model",
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -10,6 +11,11 @@ from torch import nn
 
 class CodecError(RuntimeError):
     """A codec cannot be built or used (missing weights, wrong input shape, ...)."""
+
+
+def latent_frames(seconds: float, sample_rate: int = 44100, hop: int = 512) -> int:
+    """Latent frames T = ceil(L / hop) for `seconds` of audio (517 for 6 s at 44.1 kHz, hop 512)."""
+    return math.ceil(round(seconds * sample_rate) / hop)
 
 
 class Codec(nn.Module, ABC):
