@@ -20,7 +20,8 @@ from torch import nn
 from jat.codecs import latent_frames
 from jat.config import FlowConfig, ModelConfig
 from jat.flow import FlowMatching
-from jat.model import JaT, RotaryEmbedding, cast_linears_
+from jat.model import JaT, cast_linears_
+from jat.runtime import keep_freed_memory
 
 # --- yardsticks --------------------------------------------------------------------------------
 
@@ -111,6 +112,18 @@ def train_flops(cfg: ModelConfig, batch: int, frames: int) -> int:
 # --- the plain reference ------------------------------------------------------------------------
 
 
+def ref_rope(N: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, hd/2] of the angles pos·theta^(-2i/hd)."""
+    angles = torch.arange(N).float()[:, None] * theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    return angles.cos(), angles.sin()
+
+
+def ref_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1) by the angle table, computed in fp32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
 class RefBlock(nn.Module):
     """V2 block written plainly: explicit softmax attention with K/V repeated by repeat_interleave."""
 
@@ -130,7 +143,7 @@ class RefBlock(nn.Module):
         q = self.q(h).view(B, N, self.h, self.hd).transpose(1, 2)
         k = self.k(h).view(B, N, self.hkv, self.hd).transpose(1, 2)
         v = self.v(h).view(B, N, self.hkv, self.hd).transpose(1, 2)
-        q, k = RotaryEmbedding.apply(q, *rope), RotaryEmbedding.apply(k, *rope)
+        q, k = ref_rotate(q, *rope), ref_rotate(k, *rope)
         k = k.repeat_interleave(self.h // self.hkv, dim=1)
         v = v.repeat_interleave(self.h // self.hkv, dim=1)
         w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.hd), dim=-1)
@@ -148,7 +161,6 @@ class RefJaT(nn.Module):
         self.cfg = cfg
         self.embed1, self.embed2 = nn.Linear(2 * C * p, cfg.bottleneck_dim), nn.Linear(cfg.bottleneck_dim, D)
         self.t1, self.t2 = nn.Linear(cfg.time_freq_dim, D), nn.Linear(D, D)
-        self.rope = RotaryEmbedding(D // cfg.num_heads, cfg.rope_theta)
         self.blocks = nn.ModuleList(RefBlock(cfg) for _ in range(cfg.depth))
         self.final_ada, self.final = nn.Linear(D, 2 * D), nn.Linear(D, C * p)
 
@@ -162,7 +174,7 @@ class RefJaT(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
         args = t[:, None] * 1000 * freqs[None]
         cond = self.t2(F.silu(self.t1(torch.cat([args.cos(), args.sin()], -1))))
-        rope = self.rope(torch.arange(N))
+        rope = ref_rope(N, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
         for block in self.blocks:
             x = block(x, cond, rope)
         shift, scale = self.final_ada(F.silu(cond)).unsqueeze(1).chunk(2, dim=-1)
@@ -186,6 +198,7 @@ def measure_train(model: nn.Module, opt: torch.optim.Optimizer, cfg: ModelConfig
     flow = FlowMatching(FlowConfig(cond_dropout=0.0))
 
     def fwd_bwd():
+        model.zero_grad(set_to_none=True)  # as the trainer does after each optimizer step
         with autocast(dtype):
             loss, _ = flow.loss(model, x, c, generator=torch.Generator().manual_seed(1))
         loss.backward()
@@ -229,6 +242,8 @@ def measure_inference(model: nn.Module, cfg: ModelConfig, seconds: float, steps:
 
 def build(kind: str, cfg: ModelConfig) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Ours (JaT + fused AdamW, as the trainer builds it) or the plain reference (default AdamW)."""
+    if kind not in ("ours", "ref"):
+        raise ValueError(f"unknown implementation '{kind}' (ours or ref)")
     torch.manual_seed(0)
     if kind == "ours":
         model = JaT(cfg)
@@ -254,6 +269,7 @@ def finetune_step(mode: str, preset: str = "v2", batch: int = 2, seconds: float 
     from jat.model import model_config
 
     cfg = model_config(preset)
+    keep_freed_memory()  # as the trainer does on CPU
     with PeakRSS() as mem:
         torch.manual_seed(0)
         model = JaT(cfg)
@@ -271,10 +287,17 @@ def finetune_step(mode: str, preset: str = "v2", batch: int = 2, seconds: float 
 def train_case(name: str, kind: str, dtype: str, batch: int, seconds: float,
                repeats: int) -> dict[str, float]:
     """One (config, implementation, dtype, batch) training measurement; call it in a fresh process so
-    peak memory (weights, gradients, optimizer state, activations) and timings are its own."""
+    peak memory (weights, gradients, optimizer state, activations) and timings are its own.
+
+    Ours runs as the trainer runs it on CPU, with `keep_freed_memory()` (JAT_MALLOC_TUNING=0 turns
+    that off); the reference runs as a plain PyTorch script would, unless kind is `ref+malloc`.
+    """
     from jat.config import Config, resolve_config_path
 
     cfg = Config.from_yaml(resolve_config_path(f"{name}.yaml")).model
+    if kind in ("ours", "ref+malloc"):
+        keep_freed_memory()
+        kind = kind.removesuffix("+malloc")
     with PeakRSS() as mem:
         model, opt = build(kind, cfg)
         r = measure_train(model, opt, cfg, batch, latent_frames(seconds), dtype, repeats)

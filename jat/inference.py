@@ -41,6 +41,7 @@ from jat.config import Config
 from jat.flow import Denoiser, FlowMatching
 from jat.lora import load_inference_model
 from jat.model import JaT, cast_linears_
+from jat.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,8 @@ class Upsampler:
                  window_seconds: float | None = None, overlap_seconds: float = 1.0,
                  batch_size: int | None = None, precision: str = "fp32"):
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # see jat/runtime.py
         self.model = model.to(self.device).eval()
         self.norm = norm.to(self.device)
         self.codec = codec.to(self.device).eval()

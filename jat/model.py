@@ -33,7 +33,69 @@ def model_config(preset: str, **overrides) -> ModelConfig:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x [B, N, D] · (1 + scale) + shift, with shift/scale [B, 1, D]: one fused pass."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm then adaLN modulation, in the token stream's own dtype.
+
+    Under bf16 autocast the stream is already bf16; autocast would run LayerNorm in fp32 and make the
+    next Linear cast its input back, two extra passes per norm. The norm still accumulates its
+    statistics in fp32 inside the kernel.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        return modulate(norm(x), shift.to(x.dtype), scale.to(x.dtype))  # [B, N, D]
+
+
+def ada_ln(modulation: nn.Sequential, cond: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """adaLN vectors SiLU -> Linear: cond [B, D] -> [B, 1, k·D] in the token stream's `dtype`.
+
+    It multiplies only B rows, so it is bound by reading its weights (a third of V2's parameters):
+    it runs in the weights' own precision, since an autocast copy of them would cost more than the
+    product itself, in the forward and again for the gradient.
+    """
+    linear = modulation[-1]
+    if type(linear) is nn.Linear:  # plain weights; adapted or quantized layers keep autocast
+        with torch.autocast(cond.device.type, enabled=False):
+            return modulation(cond.to(linear.weight.dtype)).to(dtype).unsqueeze(1)
+    return modulation(cond).to(dtype).unsqueeze(1)
+
+
+class TanhGELU(nn.Module):
+    """GELU with the tanh approximation (SPEC: MLP activation).
+
+    Same function as nn.GELU(approximate="tanh"), through the identity 0.5·(1 + tanh(u)) = σ(2u):
+    x·σ(2·sqrt(2/π)·(x + 0.044715·x³)). On CPU, ATen's tanh kernel is several times slower than its
+    sigmoid, so there the layer uses this form (about 1.5x faster forward and backward); other
+    devices use the fused ATen kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return _SigmoidGELU.apply(x)
+        return F.gelu(x, approximate="tanh")
+
+
+class _SigmoidGELU(torch.autograd.Function):
+    K = 2 * math.sqrt(2 / math.pi)
+    C = 0.044715
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        k, c = _SigmoidGELU.K, _SigmoidGELU.C
+        s = torch.addcmul(x.new_tensor(k), x, x, value=k * c).mul_(x).sigmoid_()  # σ(u), u = k(x + c x³)
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, s = ctx.saved_tensors
+        k, c = _SigmoidGELU.K, _SigmoidGELU.C
+        du = torch.addcmul(x.new_tensor(k), x, x, value=3 * k * c).mul_(x)  # x·u'(x)
+        ds = torch.addcmul(s, s, s, value=-1.0)  # σ'(u) = σ(1 - σ)
+        return torch.addcmul(s, du, ds).mul_(grad)  # d/dx x·σ(u) = σ + x·u'·σ(1 - σ)
 
 
 class BottleneckPatchEmbed(nn.Module):
@@ -67,11 +129,17 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         emb = self.sinusoid(t, self.freq_dim)  # [B, F]
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # [B, D]
+        with torch.autocast(t.device.type, enabled=False):  # B rows only: the weights' own precision
+            return self.mlp(emb.to(self.mlp[0].weight.dtype))  # [B, D]
 
 
 class RotaryEmbedding(nn.Module):
-    """1-D rotary position embedding over token index; rotates adjacent pairs (x0, x1), (x2, x3), ..."""
+    """1-D rotary position embedding over token index; rotates adjacent pairs (x0, x1), (x2, x3), ...
+
+    `forward(positions)` gives the tables once per forward: cos [N, hd] with each pair's cosine
+    repeated, sin [N, hd] with the pair's sine signed (-sin, +sin), so that a rotation is
+    x·cos + swap(x)·sin, where swap exchanges the two members of each pair: three passes over x.
+    """
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
@@ -80,15 +148,19 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[:, None] * self.inv_freq[None]  # [N, hd/2]
-        return angles.cos(), angles.sin()
+        cos = angles.cos().repeat_interleave(2, dim=-1)  # [N, hd]: (c0, c0, c1, c1, ...)
+        sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(-2)  # [N, hd]: (-s0, s0, ...)
+        return cos, sin
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, H, N, hd]; cos/sin [N, hd/2] -> x rotated pairwise."""
-        pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, N, hd/2, 2]
-        x0, x1 = pairs.unbind(-1)
-        rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-        return rotated.flatten(-2).type_as(x)  # [B, H, N, hd]
+        """x [B, H, N, hd]; cos/sin [N, hd] from forward -> x rotated pairwise, in x's dtype.
+
+        Pair (x0, x1) -> (x0·c - x1·s, x1·c + x0·s). The tables are cast to x's dtype first (bf16
+        under autocast), as fused RoPE kernels do.
+        """
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+        return torch.addcmul(x * cos.to(x.dtype), swapped, sin.to(x.dtype))  # [B, H, N, hd]
 
 
 class Attention(nn.Module):
@@ -112,7 +184,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = RotaryEmbedding.apply(q, *rope), RotaryEmbedding.apply(k, *rope)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N]
-        o = grouped_query_attention(q, k, v, mask, self.backend)  # [B, H, N, hd]
+        with torch.autocast(x.device.type, enabled=False):  # q, k, v are in the stream's dtype already
+            o = grouped_query_attention(q, k.to(q.dtype), v.to(q.dtype), mask, self.backend)  # [B, H, N, hd]
         return self.out(rearrange(o, "b h n d -> b n (h d)"))  # [B, N, D]
 
 
@@ -123,15 +196,16 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     `sdpa` (the default on GPUs): fused attention through scaled_dot_product_attention with
     enable_gqa, no repeated K/V. `grouped` (the default on CPU): the G = H/Hkv query heads that share
     a K/V head are folded into the sequence axis, [B, Hkv, G·N, hd], and attention is two batched
-    matmuls around a softmax, again without repeating K/V. At our sequence lengths (130 tokens per
-    6 s) this runs 4.5x faster than SDPA's CPU flash kernel, forward and backward.
+    matmuls around a softmax in the inputs' dtype, again without repeating K/V. At our sequence
+    lengths (130 tokens per 6 s) this runs 4.5x faster than SDPA's CPU flash kernel, forward and
+    backward.
     """
     if backend == "sdpa" or (backend == "auto" and q.device.type != "cpu"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     B, H, N, hd = q.shape
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, (H // Hkv) * N, hd)  # [B, Hkv, G·N, hd]
-    scores = (qg @ k.transpose(-1, -2)) * hd**-0.5  # [B, Hkv, G·N, N]
+    scores = (qg * hd**-0.5) @ k.transpose(-1, -2)  # [B, Hkv, G·N, N]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (torch.softmax(scores, dim=-1) @ v).reshape(B, H, N, hd)  # [B, H, N, hd]
@@ -142,7 +216,7 @@ class Mlp(nn.Module):
         super().__init__()
         inner = int(hidden * ratio)
         self.fc1 = nn.Linear(hidden, inner)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = TanhGELU()
         self.fc2 = nn.Linear(inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,9 +236,12 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope=None, key_mask=None) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(cond).chunk(6, dim=-1)
-        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, key_mask)
-        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        mods = ada_ln(self.adaLN_modulation, cond, x.dtype).chunk(6, dim=-1)  # 6 x [B, 1, D]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
+        h = self.attn(norm_modulate(self.norm1, x, shift_a, scale_a), rope, key_mask)  # [B, N, D]
+        x = torch.addcmul(x, gate_a, h)  # x + gate·h
+        h = self.mlp(norm_modulate(self.norm2, x, shift_m, scale_m))  # [B, N, D]
+        x = torch.addcmul(x, gate_m, h)
         return x  # [B, N, D]
 
 
@@ -178,8 +255,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, out_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, C·p]
+        shift, scale = ada_ln(self.adaLN_modulation, cond, x.dtype).chunk(2, dim=-1)  # [B, 1, D] each
+        return self.linear(norm_modulate(self.norm, x, shift, scale))  # [B, N, C·p]
 
 
 class JaT(nn.Module):
@@ -240,7 +317,7 @@ class JaT(nn.Module):
         else:
             if N > self.pos_table.shape[1]:
                 raise ValueError(f"{N} tokens exceed the learned position table ({self.pos_table.shape[1]})")
-            x = x + self.pos_table[:, :N]
+            x = x + self.pos_table[:, :N].to(x.dtype)
 
         key_mask = None
         if mask is not None and not bool(mask.all()):

@@ -41,6 +41,7 @@ from jat.lora import (
 )
 from jat.model import JaT
 from jat.optim import EMA, build_optimizer, lr_lambda
+from jat.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class Trainer:
         t = cfg.train
         cfg.check_paths(need_data=dataset is None)
         self.acc = accelerator or make_accelerator(t.mixed_precision)
+        if self.acc.device.type == "cpu":
+            keep_freed_memory()  # see jat/runtime.py: no page faults on every step's fresh tensors
         set_seed(t.seed)
         self.out = Path(t.output_dir)
         self.dataset = dataset if dataset is not None else build_train_dataset(cfg)

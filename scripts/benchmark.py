@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from jat.benchmark import (
 )
 from jat.codecs import build_codec, latent_frames
 from jat.config import CodecConfig, Config, resolve_config_path
+from jat.runtime import keep_freed_memory
 
 
 def model_cfg(name: str):
@@ -53,10 +55,10 @@ def codec_decode_seconds(codec_name: str, seconds: float) -> float:
     return time.perf_counter() - tic
 
 
-def run_case(*args) -> dict:
+def run_case(*args, env: dict[str, str] | None = None) -> dict:
     """A measurement of jat.benchmark in a fresh process (its own peak memory, no order effects)."""
     proc = subprocess.run([sys.executable, "-m", "jat.benchmark", *map(str, args)], capture_output=True,
-                          text=True)
+                          text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark case {args} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -72,6 +74,8 @@ def main() -> int:
     ap.add_argument("--infer-steps", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-reference", action="store_true", help="skip the plain reference")
+    ap.add_argument("--no-ablation", action="store_true",
+                    help="skip the allocator ablation (ours without, the reference with the malloc setting)")
     ap.add_argument("--no-dac", action="store_true", help="skip timing the DAC decoder")
     ap.add_argument("--no-finetune", action="store_true", help="skip the full/LoRA/QLoRA comparison")
     ap.add_argument("--finetune-config", default="v2", help="model preset for the fine-tuning comparison")
@@ -111,6 +115,25 @@ def main() -> int:
                     k = f"train.{name}.{dtype}.b{b}"
                     out[f"{k}.speedup_vs_ref"] = out[f"{k}.ref.step_s"] / out[f"{k}.step_s"]
                     print(f"{'':<7}whole step {out[f'{k}.speedup_vs_ref']:.2f}x the reference's")
+
+    if not (args.no_reference or args.no_ablation):  # what the allocator setting alone is worth
+        name, dtype, b = args.configs[-1], args.dtypes[-1], max(args.batches)
+        print(f"\nallocator ablation, {name} {dtype} batch {b}: step s (fwd+bwd s + opt s)")
+        key = f"train.{name}.{dtype}.b{b}"
+        rows = {"ours, default malloc": run_case("train", name, "ours", dtype, b, args.seconds, args.repeats,
+                                                 env={"JAT_MALLOC_TUNING": "0"}),
+                "ref, jat's malloc setting": run_case("train", name, "ref+malloc", dtype, b, args.seconds,
+                                                      args.repeats)}
+        for label, r in rows.items():
+            tag = "ours_default_malloc" if label.startswith("ours") else "ref_tuned_malloc"
+            out.update({f"{key}.{tag}.{k}": v for k, v in r.items()})
+            print(f"  {label:<27}{r['step_s']:>7.3f} ({r['fwd_bwd_s']:.3f} + {r['opt_s']:.3f})")
+        ref_t = out[f"{key}.ref_tuned_malloc.step_s"]
+        out[f"{key}.speedup_vs_ref_tuned_malloc"] = ref_t / out[f"{key}.step_s"]
+        print(f"  ours against the reference when both keep freed memory: "
+              f"{out[f'{key}.speedup_vs_ref_tuned_malloc']:.2f}x")
+
+    keep_freed_memory()  # inference below runs in this process, as scripts/infer.py runs on CPU
 
     print(f"\ninference, {args.infer_seconds:g} s clip, batch 1, Heun")
     print(f"{'config':<7}{'dtype':<6}{'steps':>6}{'network s':>11}{'MFU':>7}{'codec s':>9}{'RTF':>7}")

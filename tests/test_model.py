@@ -183,3 +183,35 @@ def test_no_repeated_kv_in_either_backend(monkeypatch):
     a = grouped_query_attention(q, k, v, backend="grouped")
     b = grouped_query_attention(q, k, v, backend="sdpa")
     assert calls == [] and torch.allclose(a, b, atol=1e-5)
+
+
+def test_tanh_gelu_matches_aten_forward_and_backward():
+    from jat.model import TanhGELU
+
+    x = torch.cat([torch.linspace(-12, 12, 4001), 3 * torch.randn(4000)]).requires_grad_()
+    y = TanhGELU()(x)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = F.gelu(ref_x, approximate="tanh")
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    assert torch.allclose(y, ref, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(x.grad, ref_x.grad, atol=2e-5, rtol=1e-4)
+    # bf16: within the format's rounding of the fp32 result
+    xb = x.detach().bfloat16()
+    assert torch.allclose(TanhGELU()(xb).float(), F.gelu(xb.float(), approximate="tanh"), atol=2e-2, rtol=2e-2)
+    assert torch.autograd.gradcheck(TanhGELU(), torch.randn(64, dtype=torch.float64, requires_grad=True))
+
+
+def test_rope_apply_equals_pairwise_rotation_in_bf16_too():
+    rope = RotaryEmbedding(64)
+    cos, sin = rope(torch.arange(130))
+    x = torch.randn(2, 4, 130, 64)
+    angles = torch.arange(130).float()[:, None] * rope.inv_freq[None]  # [N, 32]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    expect = torch.stack([x0 * angles.cos() - x1 * angles.sin(), x0 * angles.sin() + x1 * angles.cos()], -1)
+    assert torch.allclose(RotaryEmbedding.apply(x, cos, sin), expect.flatten(-2), atol=1e-5)
+    yb = RotaryEmbedding.apply(x.bfloat16(), cos, sin)
+    assert yb.dtype == torch.bfloat16
+    assert (yb.float() - expect.flatten(-2)).abs().max() < 0.05
+
