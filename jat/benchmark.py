@@ -21,7 +21,7 @@ from jat.codecs import latent_frames
 from jat.config import FlowConfig, ModelConfig
 from jat.flow import FlowMatching
 from jat.model import JaT, cast_linears_
-from jat.runtime import keep_freed_memory
+from jat.runtime import tune_cpu_runtime
 
 # --- yardsticks --------------------------------------------------------------------------------
 
@@ -269,7 +269,6 @@ def finetune_step(mode: str, preset: str = "v2", batch: int = 2, seconds: float 
     from jat.model import model_config
 
     cfg = model_config(preset)
-    keep_freed_memory()  # as the trainer does on CPU
     with PeakRSS() as mem:
         torch.manual_seed(0)
         model = JaT(cfg)
@@ -278,6 +277,7 @@ def finetune_step(mode: str, preset: str = "v2", batch: int = 2, seconds: float 
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         report = lora_report(model)
+        tune_cpu_runtime()  # as the trainer does on CPU once the model is built
         r = measure_train(model, opt, cfg, batch, latent_frames(seconds), dtype, repeats)
     return {"step_s": r["step_s"], "fwd_bwd_s": r["fwd_bwd_s"], "opt_s": r["opt_s"],
             "peak_mem_mb": mem.peak / 2**20, "trainable": report["trainable"], "frozen": report["frozen"],
@@ -289,17 +289,17 @@ def train_case(name: str, kind: str, dtype: str, batch: int, seconds: float,
     """One (config, implementation, dtype, batch) training measurement; call it in a fresh process so
     peak memory (weights, gradients, optimizer state, activations) and timings are its own.
 
-    Ours runs as the trainer runs it on CPU, with `keep_freed_memory()` (JAT_MALLOC_TUNING=0 turns
-    that off); the reference runs as a plain PyTorch script would, unless kind is `ref+malloc`.
+    Ours runs as the trainer runs it on CPU, with `tune_cpu_runtime()` (JAT_CPU_TUNING=0 turns
+    that off); the reference runs as a plain PyTorch script would, unless kind is `ref+tuned`.
     """
     from jat.config import Config, resolve_config_path
 
     cfg = Config.from_yaml(resolve_config_path(f"{name}.yaml")).model
-    if kind in ("ours", "ref+malloc"):
-        keep_freed_memory()
-        kind = kind.removesuffix("+malloc")
+    tune = kind in ("ours", "ref+tuned")
     with PeakRSS() as mem:
-        model, opt = build(kind, cfg)
+        model, opt = build(kind.removesuffix("+tuned"), cfg)
+        if tune:
+            tune_cpu_runtime()
         r = measure_train(model, opt, cfg, batch, latent_frames(seconds), dtype, repeats)
     r["peak_mem_mb"] = mem.peak / 2**20
     r["optimizer_bytes"] = optimizer_bytes(model)

@@ -41,7 +41,7 @@ from jat.config import Config
 from jat.flow import Denoiser, FlowMatching
 from jat.lora import load_inference_model
 from jat.model import JaT, cast_linears_
-from jat.runtime import keep_freed_memory
+from jat.runtime import tune_cpu_runtime
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,6 @@ class Upsampler:
                  window_seconds: float | None = None, overlap_seconds: float = 1.0,
                  batch_size: int | None = None, precision: str = "fp32"):
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # see jat/runtime.py
         self.model = model.to(self.device).eval()
         self.norm = norm.to(self.device)
         self.codec = codec.to(self.device).eval()
@@ -200,6 +198,8 @@ class Upsampler:
         self.dtype = pick_precision(self.device, precision)
         if self.dtype == torch.bfloat16:
             cast_linears_(self.model, torch.bfloat16)  # cast once, not at every sampler step
+        if self.device.type == "cpu":
+            tune_cpu_runtime()  # the model is final: keep freed activations for reuse (jat/runtime.py)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", ema: bool = True,

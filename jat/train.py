@@ -41,7 +41,7 @@ from jat.lora import (
 )
 from jat.model import JaT
 from jat.optim import EMA, build_optimizer, lr_lambda
-from jat.runtime import keep_freed_memory
+from jat.runtime import tune_cpu_runtime
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,6 @@ class Trainer:
         t = cfg.train
         cfg.check_paths(need_data=dataset is None)
         self.acc = accelerator or make_accelerator(t.mixed_precision)
-        if self.acc.device.type == "cpu":
-            keep_freed_memory()  # see jat/runtime.py: no page faults on every step's fresh tensors
         set_seed(t.seed)
         self.out = Path(t.output_dir)
         self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
@@ -235,6 +233,8 @@ class Trainer:
             bar = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         window: dict[str, list[float]] = {}
         last: dict[str, Any] = {}
+        if acc.device.type == "cpu":  # set up: from here on, keep freed memory (see jat/runtime.py)
+            tune_cpu_runtime()
         tic = time.perf_counter()
         self.model.train()
         while self.step < stop:
