@@ -230,11 +230,12 @@ def measure_inference(model: nn.Module, cfg: ModelConfig, seconds: float, steps:
     if dtype == "bf16":
         cast_linears_(model, torch.bfloat16)  # as the Upsampler does
 
-    def run():
+    def run(n: int = steps):
         with torch.no_grad(), autocast(dtype):
-            flow.sample(model, c, steps=steps, solver=solver, noise=torch.zeros_like(c))
+            flow.sample(model, c, steps=n, solver=solver, noise=torch.zeros_like(c))
 
-    t = best_time(run, repeats=1, warmup=1)
+    run(1)  # warm-up: one short sample of the same shapes
+    t = best_time(run, repeats=2, warmup=0)
     nfe = steps if solver == "euler" else 2 * steps - 1
     flops = nfe * forward_flops(cfg, 1, frames)
     return {"network_s": t, "nfe": nfe, "flops_per_s": flops / t, "network_rtf": t / seconds}

@@ -1,11 +1,18 @@
 """The benchmark's FLOP count and its plain reference are right, so its ratios mean something."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from jat.benchmark import RefJaT, forward_flops, measure_train, tokenwise_weights
 from jat.model import JaT, model_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tokenwise_weights_match_the_model_layers():
@@ -93,3 +100,26 @@ def test_bf16_autocast_is_as_accurate_as_a_plain_autocast_model():
     assert rel(ours, truth) < 0.02 and rel(g_ours, g_truth) < 0.05
     assert rel(ours, truth) < 1.5 * rel(plain, truth)
     assert rel(g_ours, g_truth) < 1.5 * rel(g_plain, g_truth)
+
+
+@pytest.mark.slow
+def test_benchmark_script_end_to_end(tmp_path):
+    """scripts/benchmark.py on the tiny config: every table is measured and the JSON's ratios are the
+    ratios of its own measurements."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--configs", "tiny", "--batches", "2",
+           "--dtypes", "bf16", "--rounds", "1", "--repeats", "1", "--seconds", "1", "--infer-seconds", "1",
+           "--infer-steps", "2", "--no-dac", "--no-finetune", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    k = "train.tiny.bf16.b2"
+    peak = r["peak.bf16.gflops"] * 1e9
+    assert r[f"{k}.mfu"] == pytest.approx(r[f"{k}.flops"] / r[f"{k}.fwd_bwd_s"] / peak)
+    assert r[f"{k}.speedup_vs_ref"] == pytest.approx(r[f"{k}.ref.step_s"] / r[f"{k}.step_s"])
+    floor = r[f"{k}.flops"] / peak + r[f"{k}.opt_s"]
+    assert r[f"{k}.speedup_ceiling"] == pytest.approx(r[f"{k}.ref.step_s"] / floor)
+    assert r[f"{k}.speedup_ceiling"] > r[f"{k}.speedup_vs_ref"]  # nothing beats every matmul at the peak
+    assert r[f"{k}.ours_untuned.step_s"] > 0 and r[f"{k}.ref_tuned.step_s"] > 0
+    assert 0 < r["infer.tiny.bf16.s2.mfu"] < 1 and r["infer.tiny.bf16.s2.nfe"] == 3
+    assert "whole step" in proc.stdout and "runtime ablation" in proc.stdout
