@@ -47,7 +47,8 @@ def _copy_into_reference(model: JaT, ref: RefJaT) -> None:
         rb.ada.load_state_dict(b.adaLN_modulation[1].state_dict())
 
 
-def test_reference_computes_the_same_function():
+def _model_and_reference() -> tuple[JaT, RefJaT]:
+    """A small JaT with every parameter non-zero, and the reference holding the same weights."""
     torch.manual_seed(0)
     cfg = model_config("small", in_channels=16)
     model = JaT(cfg)
@@ -55,6 +56,11 @@ def test_reference_computes_the_same_function():
         torch.nn.init.normal_(p, std=0.05)
     ref = RefJaT(cfg)
     _copy_into_reference(model, ref)
+    return model, ref
+
+
+def test_reference_computes_the_same_function():
+    model, ref = _model_and_reference()
     x, c, t = torch.randn(2, 16, 13), torch.randn(2, 16, 13), torch.rand(2)
     with torch.no_grad():
         assert torch.allclose(model(x, t, c), ref(x, t, c), atol=1e-4, rtol=1e-4)
@@ -74,13 +80,7 @@ def test_measure_train_reports_consistent_figures():
 def test_bf16_autocast_is_as_accurate_as_a_plain_autocast_model():
     """The stream stays in bf16 (norms, modulation, RoPE, softmax without fp32 round trips) and adaLN
     runs in fp32: output and gradients stay as close to fp32 as the plain reference's bf16 run."""
-    torch.manual_seed(0)
-    cfg = model_config("small", in_channels=16)
-    model = JaT(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    ref = RefJaT(cfg)
-    _copy_into_reference(model, ref)
+    model, ref = _model_and_reference()
     x, c, t = torch.randn(2, 16, 64), torch.randn(2, 16, 64), torch.rand(2)
 
     def run(m, bf16):
