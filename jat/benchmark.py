@@ -229,6 +229,7 @@ def measure_inference(model: nn.Module, cfg: ModelConfig, seconds: float, steps:
     model.eval()
     if dtype == "bf16":
         cast_linears_(model, torch.bfloat16)  # as the Upsampler does
+    tune_cpu_runtime()  # as the Upsampler does on CPU, once its model is cast
 
     def run(n: int = steps):
         with torch.no_grad(), autocast(dtype):
@@ -285,6 +286,13 @@ def finetune_step(mode: str, preset: str = "v2", batch: int = 2, seconds: float 
             "frozen_mb": report["frozen_bytes"] / 2**20}
 
 
+def named_config(name: str):
+    """configs/<name>.yaml as a Config."""
+    from jat.config import Config, resolve_config_path
+
+    return Config.from_yaml(resolve_config_path(f"{name}.yaml"))
+
+
 def train_case(name: str, kind: str, dtype: str, batch: int, seconds: float,
                repeats: int) -> dict[str, float]:
     """One (config, implementation, dtype, batch) training measurement; call it in a fresh process so
@@ -293,9 +301,7 @@ def train_case(name: str, kind: str, dtype: str, batch: int, seconds: float,
     Ours runs as the trainer runs it on CPU, with `tune_cpu_runtime()` (JAT_CPU_TUNING=0 turns
     that off); the reference runs as a plain PyTorch script would, unless kind is `ref+tuned`.
     """
-    from jat.config import Config, resolve_config_path
-
-    cfg = Config.from_yaml(resolve_config_path(f"{name}.yaml")).model
+    cfg = named_config(name).model
     tune = kind in ("ours", "ref+tuned")
     with PeakRSS() as mem:
         model, opt = build(kind.removesuffix("+tuned"), cfg)

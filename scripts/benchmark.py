@@ -26,15 +26,10 @@ from jat.benchmark import (
     copy_bandwidth,
     matmul_peak,
     measure_inference,
+    named_config,
 )
 from jat.codecs import build_codec, latent_frames
-from jat.config import CodecConfig, Config, resolve_config_path
-from jat.runtime import tune_cpu_runtime
-
-
-def model_cfg(name: str):
-    cfg = Config.from_yaml(resolve_config_path(f"{name}.yaml")).model
-    return cfg
+from jat.config import CodecConfig
 
 
 def codec_decode_seconds(codec_name: str, seconds: float) -> float:
@@ -151,13 +146,11 @@ def main() -> int:
         print(f"  ours against the reference with the same runtime settings: "
               f"{out[f'{key}.speedup_vs_ref_tuned']:.2f}x")
 
-    tune_cpu_runtime()  # inference below runs in this process, as scripts/infer.py runs on CPU
-
     print(f"\ninference, {args.infer_seconds:g} s clip, batch 1, Heun")
     print(f"{'config':<7}{'dtype':<6}{'steps':>6}{'network s':>11}{'MFU':>7}{'codec s':>9}{'RTF':>7}")
     for name in args.configs:
-        cfg = model_cfg(name)
-        codec_name = Config.from_yaml(resolve_config_path(f"{name}.yaml")).codec.name
+        full = named_config(name)
+        cfg, codec_name = full.model, full.codec.name
         if codec_name == "dac" and args.no_dac:
             codec_s = float("nan")
         else:
