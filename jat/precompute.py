@@ -236,14 +236,7 @@ def merge_moments(moments: Sequence[torch.Tensor], channels: int) -> LatentNorm:
     """Pool per-shard [3, C] (count, mean, m2) moments (Chan et al.'s merge) into a LatentNorm."""
     stats = LatentStats(channels)
     for m in moments:
-        n = int(m[0, 0])
-        if n == 0:
-            continue
-        total = stats.count + n
-        delta = m[1] - stats.mean  # [C]
-        stats.mean = stats.mean + delta * (n / total)
-        stats.m2 = stats.m2 + m[2] + delta.pow(2) * (stats.count * n / total)
-        stats.count = total
+        stats.merge(int(m[0, 0]), m[1], m[2])
     return stats.finalize()
 
 

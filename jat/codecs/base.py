@@ -35,9 +35,9 @@ class Codec(nn.Module, ABC):
     channels: int = 1
     chunk_seconds: float = 30.0
 
-    @abstractmethod
     def num_frames(self, length: int) -> int:
-        """Latent frames T for `length` audio samples."""
+        """Latent frames T = ceil(length / hop) for `length` audio samples."""
+        return -(-length // self.hop)
 
     @abstractmethod
     def encode(self, audio: torch.Tensor) -> torch.Tensor:

@@ -138,10 +138,6 @@ class DACCodec(Codec):
         self.model.eval()
         return self
 
-    def num_frames(self, length: int) -> int:
-        """T = ceil(length / hop): DAC right-pads the audio to a multiple of the hop."""
-        return -(-length // self.hop)
-
     @property
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

@@ -92,10 +92,6 @@ class MDCTCodec(Codec):
         self.register_buffer("edge_rise", rise, persistent=False)  # [N]
         self.register_buffer("basis", mdct_basis(n), persistent=False)
 
-    def num_frames(self, length: int) -> int:
-        """T = ceil(length / hop): frame t is centred on samples [t*hop, (t+1)*hop)."""
-        return -(-length // self.hop)
-
     # -- amplitude compression ----------------------------------------------------------------
 
     def compress(self, coeffs: torch.Tensor) -> torch.Tensor:

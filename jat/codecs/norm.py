@@ -98,11 +98,17 @@ class LatentStats:
         if n == 0:
             return
         mean_b = x.mean(0)  # [C]
-        m2_b = (x - mean_b).pow(2).sum(0)  # [C]
+        self.merge(n, mean_b, (x - mean_b).pow(2).sum(0))
+
+    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Pool in the moments of n more frames: their mean [C] and summed squared deviations [C]
+        (Chan et al.'s parallel update)."""
+        if n == 0:
+            return
         total = self.count + n
-        delta = mean_b - self.mean  # [C]
+        delta = mean - self.mean  # [C]
         self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2_b + delta.pow(2) * (self.count * n / total)
+        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * n / total)
         self.count = total
 
     def finalize(self, unbiased: bool = True) -> LatentNorm:
