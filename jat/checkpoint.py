@@ -228,11 +228,11 @@ def read_config(path: str | Path) -> Config:
 def load_weights(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     """Tensors under `prefix.` (model, ema or norm) from a checkpoint, prefix removed."""
     wf = weights_file(path)
-    try:
-        tensors = load_file(str(wf))
+    try:  # read only this prefix's tensors, not the whole file (model + EMA + norm)
+        with safe_open(str(wf), "pt") as f:
+            out = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
     except Exception as exc:
         raise CheckpointError(f"{wf}: unreadable checkpoint ({exc})") from None
-    out = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     if not out:
         raise CheckpointError(f"{wf}: no '{prefix}' tensors in this checkpoint")
     return out
@@ -241,9 +241,8 @@ def load_weights(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
 def load_training_state(ckpt: Path, rank: int) -> dict[str, Any]:
     """Everything a resumed run needs besides the weights."""
     state = json.loads((ckpt / "state.json").read_text())
-    with safe_open(str(ckpt / "optimizer.safetensors"), "pt") as f:
-        opt_meta = json.loads(f.metadata()["meta"])
-    opt = unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), opt_meta)
+    with safe_open(str(ckpt / "optimizer.safetensors"), "pt") as f:  # metadata and tensors in one open
+        opt = unflatten_optimizer({k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["meta"]))
     rng_path = ckpt / f"rng-{rank}.safetensors"
     rng = load_file(str(rng_path)) if rng_path.is_file() else None
     return {"state": state, "optimizer": opt, "rng": rng}
