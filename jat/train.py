@@ -123,7 +123,8 @@ class Trainer:
         self.validator = validator
 
         model = JaT(cfg.model)
-        self.norm = norm or self._load_norm()
+        # a checkpoint's own normalisation replaces any estimate: no need to compute one first
+        self.norm = norm or (LatentNorm.identity(cfg.model.in_channels) if t.init_from else self._load_norm())
         if t.init_from:
             model.load_state_dict(ckpt.load_weights(t.init_from, "ema"))
             self.norm.load_state_dict(ckpt.load_weights(t.init_from, "norm"))
@@ -172,11 +173,11 @@ class Trainer:
         for i in range(min(examples, len(self.dataset))):
             item = self.dataset[i]
             z = self.codec.encode(item["hr"][None].to(self.acc.device))  # [1, C, T]
-            stats.update(z.cpu(), self._frame_mask(item["mask"][None], z.shape[-1]))
+            stats.update(z.cpu(), self._frame_mask(item["mask"][None], z.shape[-1], self.codec.hop))
         return stats.finalize()
 
     @staticmethod
-    def _frame_mask(sample_mask: torch.Tensor, frames: int, hop: int = 512) -> torch.Tensor:
+    def _frame_mask(sample_mask: torch.Tensor, frames: int, hop: int) -> torch.Tensor:
         """[B, L] sample mask -> [B, T] frame mask (a frame is valid if any of its samples is)."""
         L = sample_mask.shape[-1]
         padded = torch.nn.functional.pad(sample_mask, (0, frames * hop - L))
@@ -190,7 +191,7 @@ class Trainer:
             with torch.no_grad():
                 x = self.codec.encode(raw["hr"].to(dev))  # [B, C, T]
                 c = self.codec.encode(raw["lr"].to(dev))
-            mask = self._frame_mask(raw["mask"].to(dev), x.shape[-1])
+            mask = self._frame_mask(raw["mask"].to(dev), x.shape[-1], self.codec.hop)
         return Batch(self.norm.normalize(x.float()), self.norm.normalize(c.float()), mask)
 
     def batches(self, micro_start: int) -> Iterator[dict[str, Any]]:
@@ -254,8 +255,9 @@ class Trainer:
                 ts.append(info["t"])
                 per_ex.append(info["loss_per_example"])
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            loss_mean = acc.reduce(torch.stack(losses).mean(), reduction="mean")
-            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_mean))
+            loss_value = acc.reduce(torch.stack(losses).mean(), reduction="mean").item()  # one device sync
+            grad_value = float(grad_norm)
+            finite = math.isfinite(grad_value) and math.isfinite(loss_value)
             if finite:
                 self.optimizer.step()
                 self.scheduler.step()
@@ -265,18 +267,18 @@ class Trainer:
                 self.bad_steps += 1
                 self.skipped_steps += 1
                 log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): step skipped",
-                            self.step, loss_mean.item(), float(grad_norm))
+                            self.step, loss_value, grad_value)
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.history.append(loss_mean.item())
+            self.history.append(loss_value)
 
-            window.setdefault("loss", []).append(loss_mean.item())
-            window.setdefault("grad_norm", []).append(float(grad_norm))
+            window.setdefault("loss", []).append(loss_value)
+            window.setdefault("grad_norm", []).append(grad_value)
             for tt, le in zip(torch.cat(ts).tolist(), torch.cat(per_ex).tolist(), strict=True):
                 window.setdefault(f"loss_t/{min(int(tt * 4), 3) / 4:.2f}", []).append(le)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_mean.item():.4f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}")
 
             if self.bad_steps >= t.max_bad_steps:
                 self.save()
