@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jat.audio import AudioError, list_audio_files, load_audio
+from jat.audio import AudioError, load_audio
+from jat.band import SR
 from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.inference import Upsampler
 from jat.metrics import evaluate_pair
 
 log = logging.getLogger(__name__)
 
-SR = 44100
 PROTOCOL = {"filter": EVAL_FILTER[0], "order": EVAL_FILTER[1], "phase": "zero (sosfiltfilt)",
             "resampler": "torchaudio sinc (Kaiser), through 2 x cutoff rounded up to 100 Hz",
             "channels": "each channel scored separately, then averaged", "sample_rate": SR}
@@ -77,8 +77,4 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def list_eval_files(data: str | Path) -> list[Path]:
-    return list_audio_files(data)
-
-
-__all__ = ["PROTOCOL", "aggregate", "evaluate", "list_eval_files", "markdown_table"]
+__all__ = ["PROTOCOL", "aggregate", "evaluate", "markdown_table"]

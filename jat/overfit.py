@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from jat.band import SR
 from jat.codecs import LatentStats, build_codec
 from jat.config import Config
 from jat.inference import Upsampler
@@ -22,7 +23,6 @@ from jat.validation import make_clip
 
 log = logging.getLogger(__name__)
 
-SR = 44100
 
 
 class RepeatedPair(Dataset):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from jat.audio import list_audio_files, load_audio
+from jat.band import SR
 from jat.config import Config
 from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.inference import Upsampler
@@ -19,7 +20,6 @@ from jat.plots import spectrogram_image
 
 log = logging.getLogger(__name__)
 
-SR = 44100
 
 
 @dataclass

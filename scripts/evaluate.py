@@ -16,10 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
-from jat.audio import AudioError
+from jat.audio import AudioError, list_audio_files
 from jat.checkpoint import CheckpointError
 from jat.config import ConfigError
-from jat.evaluate import evaluate, list_eval_files, markdown_table
+from jat.evaluate import evaluate, markdown_table
 from jat.inference import Upsampler
 
 
@@ -39,7 +39,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         up = Upsampler.from_checkpoint(args.checkpoint, device=args.device, adapter=args.adapter)
-        files = list_eval_files(args.data)
+        files = list_audio_files(args.data)
     except (CheckpointError, ConfigError, AudioError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
