@@ -305,9 +305,9 @@ def train_case(name: str, kind: str, dtype: str, batch: int, seconds: float,
     tune = kind in ("ours", "ref+tuned")
     with PeakRSS() as mem:
         model, opt = build(kind.removesuffix("+tuned"), cfg)
-        if tune:
-            tune_cpu_runtime()
+        tuned = tune and tune_cpu_runtime()["keep_freed_memory"]
         r = measure_train(model, opt, cfg, batch, latent_frames(seconds), dtype, repeats)
+    r["cpu_tuned"] = tuned
     r["peak_mem_mb"] = mem.peak / 2**20
     r["optimizer_bytes"] = optimizer_bytes(model)
     return r
