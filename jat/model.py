@@ -39,11 +39,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 def norm_modulate(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
                   scale: torch.Tensor) -> torch.Tensor:
-    """LayerNorm then adaLN modulation, in the token stream's own dtype.
+    """LayerNorm then adaLN modulation (one `addcmul` pass), in the token stream's own dtype.
 
-    Under bf16 autocast the stream is already bf16; autocast would run LayerNorm in fp32 and make the
-    next Linear cast its input back, two extra passes per norm. The norm still accumulates its
-    statistics in fp32 inside the kernel.
+    Under bf16 autocast the stream is already bf16. CUDA autocast would run LayerNorm in fp32 and
+    make the next Linear cast its input back, two extra passes per norm (CPU autocast keeps the
+    input dtype). The norm still accumulates its statistics in fp32 inside the kernel.
     """
     with torch.autocast(x.device.type, enabled=False):
         return modulate(norm(x), shift.to(x.dtype), scale.to(x.dtype))  # [B, N, D]

@@ -85,7 +85,8 @@ def main() -> int:
                     help="fresh processes per training case, alternating ours and the reference")
     ap.add_argument("--no-reference", action="store_true", help="skip the plain reference")
     ap.add_argument("--no-ablation", action="store_true",
-                    help="skip the runtime ablation (ours without, the reference with jat/runtime.py)")
+                    help="skip the runtime ablation (ours without, the reference with jat/runtime.py; "
+                         "--no-reference skips it too)")
     ap.add_argument("--no-dac", action="store_true", help="skip timing the DAC decoder")
     ap.add_argument("--no-finetune", action="store_true", help="skip the full/LoRA/QLoRA comparison")
     ap.add_argument("--finetune-config", default="v2", help="model preset for the fine-tuning comparison")
