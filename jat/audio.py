@@ -34,12 +34,17 @@ class AudioError(ValueError):
     """An audio file problem (missing, unreadable, empty, silent, non-finite); names the file."""
 
 
+def resampled_length(length: int, orig_sr: int, new_sr: int) -> int:
+    """Samples after `resample`: ceil(length * new_sr / orig_sr), the same duration."""
+    return -(-length * new_sr // orig_sr)
+
+
 def resample(
     audio: torch.Tensor, orig_sr: int, new_sr: int, rolloff: float = RESAMPLE_ROLLOFF
 ) -> torch.Tensor:
     """Resample `audio` [..., L] from `orig_sr` to `new_sr` (band-limited sinc, Kaiser window).
 
-    Output length is ceil(L * new_sr / orig_sr). `rolloff` places the anti-alias cutoff as a
+    Output length is `resampled_length(L, orig_sr, new_sr)`. `rolloff` places the anti-alias cutoff as a
     fraction of the lower Nyquist frequency. A no-op when the rates are equal.
     """
     orig_sr, new_sr = int(orig_sr), int(new_sr)

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from jat.audio import resample
+from jat.audio import resample, resampled_length
 from jat.degrade import detect_cutoff
 
 SR = 44100
@@ -22,7 +22,7 @@ CUTOFF_SECONDS = 30.0  # cutoff detection reads at most this much audio (three e
 
 def output_length(length: int, sr: int) -> int:
     """Samples at 44.1 kHz for `length` samples at `sr`: ceil(length * 44100 / sr), the same duration."""
-    return -(-length * SR // sr)
+    return resampled_length(length, sr, SR)
 
 
 def resample_to_44k(audio: torch.Tensor, sr: int, chunk_seconds: float = 30.0) -> torch.Tensor:

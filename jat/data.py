@@ -45,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
-from jat.audio import RESAMPLE_WIDTH, AudioError, audio_info, list_audio_files, resample
+from jat.audio import RESAMPLE_WIDTH, AudioError, audio_info, list_audio_files, resample, resampled_length
 from jat.config import DataConfig
 from jat.degrade import simulate_lowres
 
@@ -93,7 +93,7 @@ class AudioInfo:
 
     def length_at(self, sample_rate: int) -> int:
         """Samples per channel after resampling to `sample_rate` (audio.resample's output length)."""
-        return -(-self.frames * sample_rate // self.sample_rate)
+        return resampled_length(self.frames, self.sample_rate, sample_rate)
 
 
 def scan_audio_files(
@@ -142,7 +142,7 @@ def read_crop(info: AudioInfo, sample_rate: int, length: int, rng: np.random.Gen
     src = info.sample_rate
     step_src, step = src // math.gcd(src, sample_rate), sample_rate // math.gcd(src, sample_rate)
     channel = int(rng.integers(info.channels))
-    src_len = -(-length * src // sample_rate)  # the crop at the file's rate
+    src_len = resampled_length(length, sample_rate, src)  # the crop at the file's rate
     slots = (info.frames - src_len) // step_src + 1 if info.frames > src_len else 1
     start = step_src * int(rng.integers(slots))
     # context for the resampler's kernel (RESAMPLE_WIDTH zero crossings of the lower rate, each
