@@ -147,20 +147,33 @@ def begin_save(output_dir: str | Path, step: int) -> Path:
     for pattern in (".tmp-ckpt-*", ".old-ckpt-*", ".del-ckpt-*"):  # left by a run killed mid-write
         for stale in root.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp-{checkpoint_name(step)}"
+    tmp = tmp_dir(root, step)
     tmp.mkdir()
     return tmp
+
+
+def tmp_dir(output_dir: str | Path, step: int) -> Path:
+    """The temporary directory step `step`'s checkpoint is written into before its atomic rename."""
+    return Path(output_dir) / f".tmp-{checkpoint_name(step)}"
+
+
+def write_weights(path: Path, *, cfg: Config, step: int, model: dict[str, torch.Tensor],
+                  ema: dict[str, torch.Tensor], norm: dict[str, torch.Tensor],
+                  extra_meta: dict[str, str] | None = None) -> None:
+    """A weights file: `model.`, `ema.` and `norm.` tensors with the config and step as metadata."""
+    meta = {"config": json.dumps(cfg.to_dict()), "step": str(step), "format": "jat-checkpoint-1",
+            **(extra_meta or {})}
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    tensors.update({f"norm.{k}": v for k, v in norm.items()})
+    _save_tensors(tensors, path, meta)
 
 
 def write_main(tmp: Path, *, cfg: Config, step: int, model: dict[str, torch.Tensor],
                ema: dict[str, torch.Tensor], norm: dict[str, torch.Tensor], optimizer: dict[str, Any],
                state: dict[str, Any]) -> None:
     """Write the weights, optimizer and state files of one checkpoint into `tmp`."""
-    meta = {"config": json.dumps(cfg.to_dict()), "step": str(step), "format": "jat-checkpoint-1"}
-    tensors = {f"model.{k}": v for k, v in model.items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.items()})
-    tensors.update({f"norm.{k}": v for k, v in norm.items()})
-    _save_tensors(tensors, tmp / "weights.safetensors", meta)
+    write_weights(tmp / "weights.safetensors", cfg=cfg, step=step, model=model, ema=ema, norm=norm)
     opt_tensors, opt_meta = flatten_optimizer(optimizer)
     _save_tensors(opt_tensors, tmp / "optimizer.safetensors", {"meta": json.dumps(opt_meta)})
     with open(tmp / "state.json", "w") as f:

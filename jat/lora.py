@@ -433,14 +433,13 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, adapter: str | Pat
                           temporal_dim=cfg.lora.temporal_dim, temporal_kernel=cfg.lora.temporal_kernel)
     cfg.train.init_from = None
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    tensors = {f"ema.{k}": v for k, v in state.items()}
-    tensors.update({f"model.{k}": v.clone() for k, v in state.items()})
-    tensors.update({f"norm.{k}": v for k, v in ckpt.load_weights(base_path, "norm").items()})
-    meta = {"config": json.dumps(cfg.to_dict()), "step": "0", "format": "jat-checkpoint-1",
-            "merged_from": json.dumps({"base": str(base_path), "adapter": str(adapter or checkpoint)})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".tmp-weights.safetensors"
-    save_file(tensors, str(tmp), metadata=meta)
+    ckpt.write_weights(tmp, cfg=cfg, step=0, ema=state,
+                       model={k: v.clone() for k, v in state.items()},  # safetensors refuses shared memory
+                       norm=ckpt.load_weights(base_path, "norm"),
+                       extra_meta={"merged_from": json.dumps({"base": str(base_path),
+                                                               "adapter": str(adapter or checkpoint)})})
     os.replace(tmp, out / "weights.safetensors")
     return out

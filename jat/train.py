@@ -345,7 +345,7 @@ class Trainer:
     def save(self, metric: dict[str, float] | None = None) -> Path | None:
         """Write a checkpoint atomically; keep the newest `keep_last` and the best by validation LSD."""
         acc, model = self.acc, self.model_plain
-        tmp = self.out / f".tmp-{ckpt.checkpoint_name(self.step)}"
+        tmp = ckpt.tmp_dir(self.out, self.step)
         if metric and "lsd" in metric and (not self.best or metric["lsd"] < self.best["lsd"]):
             self.best = {"lsd": metric["lsd"], "name": ckpt.checkpoint_name(self.step), "step": self.step}
         try:
