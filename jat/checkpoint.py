@@ -251,6 +251,20 @@ def load_weights(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """load_state_dict with a one-line CheckpointError naming what does not fit."""
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(x)} {name} (first: {x[0]})" for x, name in
+                 ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape")) if x]
+        raise CheckpointError(f"{what} do not fit the stored config: {'; '.join(parts)}")
+    module.load_state_dict(state)
+
+
 def load_training_state(ckpt: Path, rank: int) -> dict[str, Any]:
     """Everything a resumed run needs besides the weights."""
     state = json.loads((ckpt / "state.json").read_text())

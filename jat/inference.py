@@ -40,7 +40,7 @@ from jat.codecs import Codec, LatentNorm, build_codec
 from jat.config import Config
 from jat.flow import Denoiser, FlowMatching
 from jat.lora import load_inference_model
-from jat.model import JaT, cast_linears_
+from jat.model import cast_linears_
 from jat.runtime import tune_cpu_runtime
 
 log = logging.getLogger(__name__)
@@ -212,20 +212,14 @@ class Upsampler:
         loads like any other. Raises CheckpointError (one line) when the weights, the latent
         statistics or the codec do not fit the stored config. kwargs go to the constructor.
         """
-        cfg = ckpt.read_config(path)
-        base = path
-        if adapter is not None or cfg.lora.mode != "none" or cfg.lora.temporal_adapter:
-            model, cfg, base = load_inference_model(path, adapter, ema, pick_device(device))
-        else:
-            model = JaT(cfg.model)
-            _load_checked(model, ckpt.load_weights(path, "ema" if ema else "model"), f"{path}: model weights")
+        dev = pick_device(device)
+        model, cfg, base = load_inference_model(path, adapter, ema, dev)
         norm = LatentNorm.identity(cfg.model.in_channels)
-        _load_checked(norm, ckpt.load_weights(base, "norm"), f"{base}: latent statistics")
+        ckpt.load_checked(norm, ckpt.load_weights(base, "norm"), f"{base}: latent statistics")
         codec = codec or build_codec(cfg.codec)
         if codec.latent_dim != cfg.model.in_channels:
             raise ckpt.CheckpointError(f"{path}: codec '{cfg.codec.name}' gives {codec.latent_dim} latent "
                                        f"channels, the model expects {cfg.model.in_channels}")
-        dev = pick_device(device)
         return cls(model, norm, codec, FlowMatching(cfg.flow), dev, cfg, precision=precision, **kwargs)
 
     def _autocast(self):
@@ -377,17 +371,3 @@ def check_signal(audio: torch.Tensor, sr: int, name: object = None) -> None:
                          f"at least {MIN_SECONDS * 1000:.0f} ms needed)")
     if not bool(torch.isfinite(audio).all()):
         raise AudioError(f"{prefix}{int((~torch.isfinite(audio)).sum())} NaN/Inf samples")
-
-
-def _load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict with a one-line CheckpointError naming what does not fit."""
-    own = module.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [f"{len(x)} {name} (first: {x[0]})" for x, name in
-                 ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape")) if x]
-        raise ckpt.CheckpointError(f"{what} do not fit the stored config: {'; '.join(parts)}")
-    module.load_state_dict(state)

@@ -411,10 +411,7 @@ def load_inference_model(checkpoint: str | Path, adapter: str | Path | None = No
         adapter, base = checkpoint, Path(cfg.train.init_from)
         cfg = ckpt.read_config(base)
     model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt.load_weights(base, "ema" if ema else "model"))
-    except RuntimeError as exc:
-        raise ckpt.CheckpointError(f"{base}: weights do not fit the stored config: {exc}") from None
+    ckpt.load_checked(model, ckpt.load_weights(base, "ema" if ema else "model"), f"{base}: model weights")
     model.to(device)
     if adapter is not None:
         cfg = copy.deepcopy(cfg)
