@@ -66,7 +66,7 @@ def load_audio(
     Raises AudioError naming the file when it is missing, not readable as audio, empty, all
     zeros (unless `allow_silent`) or holds NaN/Inf samples. `mono` averages the channels to [1, L].
     """
-    audio, sr = _read(path)
+    audio, sr = read_samples(path)
     if mono:
         audio = audio.mean(dim=0, keepdim=True)  # [1, L]
     if not allow_silent and not bool(audio.abs().amax() > 0):
@@ -95,11 +95,11 @@ def _existing_file(path: str | Path) -> Path:
     return path
 
 
-def _read(path: str | Path) -> tuple[torch.Tensor, int]:
-    """The file's samples as float32 [C, L] and its rate; every failure is an AudioError."""
+def read_samples(path: str | Path, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, int]:
+    """The file's samples [start, stop) as float32 [C, L] and its rate; every failure is an AudioError."""
     path = _existing_file(path)
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # [L, C]
+        data, sr = sf.read(str(path), start=start, stop=stop, dtype="float32", always_2d=True)  # [L, C]
     except Exception as exc:  # LibsndfileError, RuntimeError, ValueError, ... for malformed input
         raise AudioError(f"{path}: not a readable audio file ({type(exc).__name__}: {exc})") from None
     if sr <= 0:

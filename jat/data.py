@@ -40,12 +40,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
-from jat.audio import RESAMPLE_WIDTH, AudioError, audio_info, list_audio_files, resample, resampled_length
+from jat.audio import (
+    RESAMPLE_WIDTH,
+    AudioError,
+    audio_info,
+    list_audio_files,
+    read_samples,
+    resample,
+    resampled_length,
+)
 from jat.config import DataConfig
 from jat.degrade import simulate_lowres
 
@@ -150,18 +157,10 @@ def read_crop(info: AudioInfo, sample_rate: int, length: int, rng: np.random.Gen
     need = 0 if src == sample_rate else 2 * RESAMPLE_WIDTH * -(-src // sample_rate)
     margin = -(-need // step_src) * step_src
     a, b = max(0, start - margin), min(info.frames, start + src_len + margin)
-    try:
-        data, _ = sf.read(str(info.path), start=a, stop=b, dtype="float32", always_2d=True)  # [b-a, channels]
-    except Exception as exc:  # noqa: BLE001 - libsndfile raises several types for malformed data
-        raise AudioError(f"{info.path}: not a readable audio file ({type(exc).__name__}: {exc})") from None
-    if data.size == 0:
-        raise AudioError(f"{info.path}: audio is empty (0 samples)")
-    if not np.isfinite(data).all():
-        raise AudioError(f"{info.path}: {int((~np.isfinite(data)).sum())} NaN/Inf samples")
-    if a == 0 and b == info.frames and not np.abs(data).max() > 0:
+    data, _ = read_samples(info.path, a, b)  # [channels, b-a]; unreadable, empty or non-finite: AudioError
+    if a == 0 and b == info.frames and not data.abs().max() > 0:
         raise AudioError(f"{info.path}: audio is silent (all samples are zero)")
-    x = torch.from_numpy(np.ascontiguousarray(data[:, channel]))  # [b-a]
-    x = resample(x, src, sample_rate)  # [ceil((b-a) * sample_rate / src)]
+    x = resample(data[channel], src, sample_rate)  # [ceil((b-a) * sample_rate / src)]
     offset = (start - a) // step_src * step  # a and start are on the phase grid: exact
     n = min(length, info.length_at(sample_rate) - start // step_src * step)
     return x[offset : offset + n].numpy()  # [n]
