@@ -309,7 +309,7 @@ class Upsampler:
         result = UpsampleResult(torch.empty(0), lr, min(cut, SR / 2), length / SR)
         toc = self._sync()
         c = self.codec.encode(lr[:, None].to(self.device))  # [C, Cz, T], normalised in place (memory)
-        c.sub_(self.norm.mean[:, None]).div_(self.norm.std[:, None])
+        self.norm.normalize(c, inplace=True)
         result.other_s, result.codec_s = toc - tic, self._sync() - toc
         T = c.shape[-1]
         ranges = window_ranges(T, self.window, self.overlap)
@@ -346,7 +346,7 @@ class Upsampler:
         res = job.result
         tic = self._sync()
         z = job.acc.div_(job.wsum)  # [C, Cz, T] blended; denormalised in place below (memory)
-        z.mul_(self.norm.std[:, None]).add_(self.norm.mean[:, None])
+        self.norm.denormalize(z, inplace=True)
         job.acc = job.c = None
         out = self.codec.decode(z, length=job.lr.shape[-1])[:, 0]  # [C, L']
         del z

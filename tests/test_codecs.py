@@ -265,6 +265,11 @@ def test_latent_norm_round_trip_floor_and_save(tmp_path):
     assert float(norm.std[3]) == pytest.approx(1e-5 * float(norm.std.max()), rel=1e-4)  # floored, not 0
     x = torch.randn(3, 4, 11)
     torch.testing.assert_close(norm.denormalize(norm.normalize(x)), x)
+    y = x.clone()  # in place: same values, written into the input (the upsampler's memory saving)
+    assert norm.normalize(y, inplace=True) is y
+    torch.testing.assert_close(y, norm.normalize(x))
+    assert norm.denormalize(y, inplace=True) is y
+    torch.testing.assert_close(y, x)
     zn = norm.normalize(z)
     torch.testing.assert_close(zn[:, :3].mean((0, 2)), torch.zeros(3), atol=1e-5, rtol=0)
     assert torch.isfinite(zn).all()

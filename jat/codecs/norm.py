@@ -41,13 +41,15 @@ class LatentNorm(nn.Module):
     def channels(self) -> int:
         return self.mean.shape[0]
 
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """[B, C, T] codec latents -> [B, C, T] zero-mean unit-variance latents."""
-        return (z - self.mean[:, None].to(z.dtype)) / self.std[:, None].to(z.dtype)
+    def normalize(self, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """[B, C, T] codec latents -> [B, C, T] zero-mean unit-variance latents (into z if inplace)."""
+        mean, std = self.mean[:, None].to(z.dtype), self.std[:, None].to(z.dtype)
+        return z.sub_(mean).div_(std) if inplace else (z - mean) / std
 
-    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+    def denormalize(self, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """[B, C, T] normalised latents -> [B, C, T] codec latents (the inverse of `normalize`)."""
-        return z * self.std[:, None].to(z.dtype) + self.mean[:, None].to(z.dtype)
+        mean, std = self.mean[:, None].to(z.dtype), self.std[:, None].to(z.dtype)
+        return z.mul_(std).add_(mean) if inplace else z * std + mean
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.normalize(z)
