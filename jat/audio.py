@@ -114,12 +114,13 @@ def read_samples(path: str | Path, start: int = 0, stop: int | None = None) -> t
 
 def save_audio(
     path: str | Path, audio: torch.Tensor | np.ndarray, sr: int, format: str | None = None,
-    subtype: str | None = None,
+    subtype: str | None = None, overwrite: bool = True,
 ) -> Path:
-    """Write `audio` [C, L] (or [L]) atomically: a temporary file beside `path`, then os.replace.
+    """Write `audio` [C, L] (or [L]) atomically: a temporary file beside `path`, then `place_file`.
 
     On failure the previous file at `path` (if any) is untouched, the temporary file is removed
-    and an AudioError naming `path` is raised. `format`/`subtype` are soundfile's (default: from
+    and an AudioError naming `path` is raised; without `overwrite` an existing `path` is an error
+    too, even one that appears while writing. `format`/`subtype` are soundfile's (default: from
     the extension; PCM_16 for wav/flac). Missing parent folders are created.
     """
     path = Path(path)
@@ -142,11 +143,30 @@ def save_audio(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # a new file's usual permissions, not mkstemp's 0600
-        os.replace(tmp, path)
+        place_file(Path(tmp), path, overwrite)
+    except AudioError:
+        raise
     except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise AudioError(f"{path}: could not write audio ({type(exc).__name__}: {exc})") from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def place_file(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move a finished temporary file to `path` atomically; without `overwrite` never replace a file
+    (AudioError if `path` exists, whenever it appeared). `tmp` is left for the caller to remove."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic and fails if the name exists
+    except FileExistsError:
+        raise AudioError(f"{path}: exists (pass --overwrite to replace it)") from None
+    except OSError:  # no hard links on this file system
+        if path.exists():
+            raise AudioError(f"{path}: exists (pass --overwrite to replace it)") from None
+        os.replace(tmp, path)
 
 
 def list_audio_files(source: str | Path) -> list[Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from jat.audio import AUDIO_EXTENSIONS, AudioError, audio_info, load_audio, save_audio
+from jat.audio import AUDIO_EXTENSIONS, AudioError, audio_info, load_audio, place_file, save_audio
 from jat.inference import SR, Progress, Upsampler, UpsampleResult, check_signal
 
 log = logging.getLogger(__name__)
@@ -155,35 +155,7 @@ def write_output(path: Path, audio: torch.Tensor, subtype: str, overwrite: bool 
         if clipped:
             log.warning("%s: %d samples above full scale clipped", path, clipped)
         audio = audio.clamp(-1.0, 1.0)
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.partial{path.suffix}"
-    try:
-        save_audio(tmp, audio, SR, subtype=subtype)
-    except AudioError as exc:  # name the output the user asked for, not the temporary file
-        cause = exc.__cause__
-        reason = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
-        raise AudioError(f"{path}: could not write audio ({reason})") from None
-    try:
-        _place(tmp, path, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _place(tmp: Path, path: Path, overwrite: bool) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the usual permissions of a new file, not the temporary file's 0600
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # atomic and fails if the name exists
-    except FileExistsError:
-        raise AudioError(f"{path}: exists (pass --overwrite to replace it)") from None
-    except OSError:  # no hard links on this file system
-        if path.exists():
-            raise AudioError(f"{path}: exists (pass --overwrite to replace it)") from None
-        os.replace(tmp, path)
+    return save_audio(path, audio, SR, subtype=subtype, overwrite=overwrite)
 
 
 def write_plot(path: Path, result: UpsampleResult, overwrite: bool = False,
@@ -197,7 +169,7 @@ def write_plot(path: Path, result: UpsampleResult, overwrite: bool = False,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(tmp, format="png", dpi=100)
     try:
-        _place(tmp, path, overwrite)
+        place_file(tmp, path, overwrite)
     finally:
         tmp.unlink(missing_ok=True)
     return path
