@@ -434,3 +434,14 @@ def test_script_end_to_end_as_a_user_runs_it(tmp_path, checkpoint):
     assert "RTF" in proc.stdout and sf.info(str(tmp_path / "voice_jat.wav")).channels == 2
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "exists" in proc.stderr
+
+
+def test_upsampler_tunes_the_cpu_runtime_after_casting_its_model(monkeypatch):
+    import jat.inference
+
+    seen = []
+    model = JaT(Config.from_yaml(ROOT / "configs" / "tiny.yaml").model)
+    monkeypatch.setattr(jat.inference, "tune_cpu_runtime",
+                        lambda: seen.append(model.patch_embed.proj1.weight.dtype) or {})
+    plain(model, 2.0, precision="bf16")
+    assert seen == [torch.bfloat16]  # once, with the weights already in their final dtype

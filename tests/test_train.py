@@ -172,3 +172,12 @@ def test_compiled_model_trains_and_checkpoints_plain_names(tmp_path):
     weights = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "c"), "ema")
     assert set(weights) == set(JaT(cfg.model).state_dict())  # no "_orig_mod." prefixes
     assert len(trainer.history) == 2 and all(math.isfinite(x) for x in trainer.history)
+
+
+def test_fit_tunes_the_cpu_runtime_once_set_up(tmp_path, monkeypatch):
+    import jat.train
+
+    calls = []
+    monkeypatch.setattr(jat.train, "tune_cpu_runtime", lambda: calls.append("tuned") or {})
+    _run(tmp_path / "run", 2, 1)
+    assert calls == ["tuned"]  # at the start of fit, after the model, optimizer and data are built
