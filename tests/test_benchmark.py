@@ -70,8 +70,10 @@ def test_reference_computes_the_same_function():
 def test_measure_train_reports_consistent_figures():
     cfg = model_config("tiny", in_channels=8)
     model = JaT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    opt = torch.optim.AdamW(model.parameters(), fused=True, weight_decay=0.0)
+    before = model.final_layer.linear.bias.detach().clone()
     r = measure_train(model, opt, cfg, batch=2, frames=40, dtype="fp32", repeats=1)
+    assert not torch.equal(model.final_layer.linear.bias, before)  # gradients flowed and steps were taken
     assert r["fwd_bwd_s"] > 0 and r["opt_s"] > 0
     assert r["step_s"] == r["fwd_bwd_s"] + r["opt_s"]
     assert r["fwd_bwd_flops_per_s"] == r["flops"] / r["fwd_bwd_s"]
