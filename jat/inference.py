@@ -3,13 +3,17 @@
 One signal [C, L] at rate sr goes through:
   1. cutoff: given, or estimated from the input spectrum (`band.estimate_cutoff`); at most sr / 2;
   2. sinc resampling to 44.1 kHz (`band.resample_to_44k`): lr [C, L'], L' = ceil(L * 44100 / sr);
-  3. encoding, channels as a batch, and normalisation: c [C, Cz, T];
-  4. windows of `window` frames overlapping by at least `overlap` frames (`window_ranges`), each
+  3. level normalisation (`level_gain`): each channel scaled to a fixed reference level, the gain
+     undone after decoding; a channel of digital silence skips the model and stays exactly zero;
+  4. encoding, channels as a batch, and normalisation: c [C, Cz, T];
+  5. windows of `window` frames overlapping by at least `overlap` frames (`window_ranges`), each
      sampled by the flow (the windows of several files share network batches), blended into one
      latent sequence with tapered weights (raised-cosine ramps over each overlap, divided by their
      sum, so they always add up to one);
-  5. one decode (the codec chunks long input itself) and low-frequency replacement: below the cutoff
-     the output takes the input's own spectrum (`band.low_frequency_replace`).
+  6. one decode (the codec chunks long input itself), the level gain undone, and low-frequency
+     replacement: below the cutoff the output takes the input's own spectrum
+     (`band.low_frequency_replace`);
+  7. a check that the output is finite (`UpsampleResult.error` names the cause when it is not).
 
 Blending latents rather than decoded audio: the decoder sees one continuous latent sequence (no
 seam can appear in the audio that the latents do not have), and the overlaps are decoded once.
@@ -47,6 +51,9 @@ log = logging.getLogger(__name__)
 
 NOISE_BLOCK = 64  # frames per independently seeded noise block
 MIN_SECONDS = 0.05  # shorter inputs are rejected
+REF_RMS_DBFS = -20.0  # level normalisation: every channel is brought to this RMS ...
+PEAK_MAX = 1.0  # ... unless that would push its peak above this (full scale)
+SILENCE_PEAK = 2.0**-32  # a channel whose peak is below this counts as digital silence
 
 Progress = Callable[[object, int, int], None]  # (key, windows done, windows in total)
 
@@ -76,6 +83,39 @@ def pick_precision(device: torch.device, precision: str = "auto") -> torch.dtype
     except (AttributeError, RuntimeError):  # a private oneDNN query; absent from some builds
         native = False
     return torch.bfloat16 if native else torch.float32
+
+
+# --- level ------------------------------------------------------------------------------------------
+
+
+def level_gain(audio: torch.Tensor) -> torch.Tensor:
+    """Gain [...] per signal of audio [..., L] that brings its RMS to REF_RMS_DBFS, capped so that its
+    peak stays at or below PEAK_MAX; 0 for digital silence (peak below SILENCE_PEAK).
+
+    Why: the network and the codec's amplitude compression are not linear, so what the model adds
+    depends on the input's level; a quiet or silent input is far from the levels it was trained on
+    and comes back with generated noise at a typical level (digital silence gave noise at about
+    -24 dBFS). Scaling every signal to one reference level before encoding and dividing the output
+    by the same gain makes the result scale with the input: upsample(g * x) == g * upsample(x), bit
+    for bit when g is a power of two (the gain is computed in float64 and every other step is linear
+    or sees the same scaled signal). -20 dBFS RMS is a typical level of speech and music recordings;
+    the peak cap keeps signals with a high crest factor within full scale, where the codec was
+    trained. SILENCE_PEAK lies below the smallest step of 32-bit PCM (2^-31): no integer file can hold
+    anything quieter, and a float file that does is numerical dust; it also keeps the gain finite in
+    float32 (at most 2^32).
+    """
+    n, chunk = audio.shape[-1], 2**20  # float64 a chunk at a time: no float64 copy of a long signal
+    squares = sum(audio[..., a : a + chunk].double().square().sum(-1) for a in range(0, n, chunk))
+    rms = (squares / n).sqrt()  # [...]
+    peak = audio.abs().amax(-1).double()  # [...]
+    gain = torch.minimum(10 ** (REF_RMS_DBFS / 20) / rms, PEAK_MAX / peak)
+    return torch.where(peak >= SILENCE_PEAK, gain, 0.0).float()
+
+
+def restore_level(out: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """out [..., L] divided by `level_gain`'s gain [...]; exactly zero where the gain is 0 (silence)."""
+    gain = gain.to(out.device)[..., None]
+    return torch.where(gain > 0, out / gain, 0.0)
 
 
 # --- noise and windows -------------------------------------------------------------------------------
@@ -132,6 +172,10 @@ def window_weights(ranges: list[tuple[int, int]], i: int) -> torch.Tensor:
 # --- the upsampler ------------------------------------------------------------------------------
 
 
+class UpsampleError(RuntimeError):
+    """The upsampler's output is unusable (not finite); the message names the cause."""
+
+
 @dataclass
 class UpsampleResult:
     """One upsampled signal: audio [C, L'] at 44.1 kHz and where the time went (seconds)."""
@@ -143,6 +187,7 @@ class UpsampleResult:
     network_s: float = 0.0
     codec_s: float = 0.0
     other_s: float = 0.0  # loading aside: cutoff detection, resampling, low-frequency replacement
+    error: str | None = None  # why `audio` is unusable (it holds NaN/Inf), else None
 
     @property
     def rtf(self) -> dict[str, float]:
@@ -158,6 +203,8 @@ class _Job:
 
     key: object
     lr: torch.Tensor  # [C, L'] CPU
+    gain: torch.Tensor  # [C] `level_gain` of each channel (0: silent)
+    active: list[int]  # the channels that are not silent: only these go through the network
     c: torch.Tensor | None  # [C, Cz, T] normalised condition, on the device
     ranges: list[tuple[int, int]]
     result: UpsampleResult
@@ -167,11 +214,14 @@ class _Job:
 
     @property
     def total(self) -> int:
-        return len(self.ranges) * self.lr.shape[0]
+        return len(self.ranges) * len(self.active)
 
 
 class Upsampler:
     """A trained model with its latent normalisation, codec and sampler.
+
+    Every signal is level-normalised on its way through (`level_gain`), so the output scales with
+    the input and digital silence stays silent.
 
     Args:
         model: an x-predicting denoiser (model(x_t, t, c, mask) -> x̂), usually a JaT.
@@ -191,6 +241,7 @@ class Upsampler:
         self.codec = codec.to(self.device).eval()
         self.flow = flow
         self.cfg = cfg
+        self.checkpoint: Path | None = None  # where the weights came from (`from_checkpoint`), for messages
         seconds = window_seconds or (cfg.data.segment_seconds if cfg is not None else 6.0)
         self.window = max(1, round(seconds * codec.frame_rate))
         self.overlap = min(round(overlap_seconds * codec.frame_rate), self.window // 2)
@@ -220,7 +271,9 @@ class Upsampler:
         if codec.latent_dim != cfg.model.in_channels:
             raise ckpt.CheckpointError(f"{path}: codec '{cfg.codec.name}' gives {codec.latent_dim} latent "
                                        f"channels, the model expects {cfg.model.in_channels}")
-        return cls(model, norm, codec, FlowMatching(cfg.flow), dev, cfg, precision=precision, **kwargs)
+        up = cls(model, norm, codec, FlowMatching(cfg.flow), dev, cfg, precision=precision, **kwargs)
+        up.checkpoint = Path(path)
+        return up
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
@@ -247,20 +300,28 @@ class Upsampler:
 
     @torch.no_grad()
     def upsample_44k(self, lr: torch.Tensor, steps: int | None = None, solver: str | None = None,
-                     cfg_scale: float | None = None, seed: int = 0) -> torch.Tensor:
+                     cfg_scale: float | None = None, seed: int = 0, level: bool = False) -> torch.Tensor:
         """LR audio already at 44.1 kHz [B, 1, L] -> upsampled audio [B, 1, L], in one window, no
-        low-frequency replacement (the reference the windowed path reduces to for short input)."""
+        low-frequency replacement (with `level`, the reference the windowed path reduces to for short
+        input). Without `level` the signal reaches the model at its own level: the model exactly as
+        trained, as validation and the overfit check measure it."""
         L = lr.shape[-1]
-        c = self.norm.normalize(self.codec.encode(lr.to(self.device).float()))  # [B, C, T]
+        lr = lr.to(self.device).float()
+        gain = level_gain(lr).to(self.device) if level else None  # [B, 1]
+        c = self.norm.normalize(self.codec.encode(lr * gain[..., None] if level else lr))  # [B, C, T]
         x = self.sample_latents(c, steps, solver, cfg_scale, seed)  # [B, C, T]
-        return self.codec.decode(self.norm.denormalize(x), length=L).cpu()  # [B, 1, L]
+        out = self.codec.decode(self.norm.denormalize(x), length=L)  # [B, 1, L]
+        return (restore_level(out, gain) if level else out).cpu()
 
     def upsample(self, audio: torch.Tensor, sr: int, **kwargs) -> UpsampleResult:
         """Audio [C, L] at `sr` -> UpsampleResult with audio [C, ceil(L * 44100 / sr)] at 44.1 kHz.
 
-        kwargs as for `upsample_many`.
+        kwargs as for `upsample_many`. Raises UpsampleError when the output is not finite.
         """
-        return next(self.upsample_many([(None, audio, sr)], **kwargs))[1]
+        result = next(self.upsample_many([(None, audio, sr)], **kwargs))[1]
+        if result.error is not None:
+            raise UpsampleError(result.error)
+        return result
 
     @torch.no_grad()
     def upsample_many(self, items: Iterable[tuple[object, torch.Tensor, int]], *,
@@ -271,8 +332,12 @@ class Upsampler:
 
         Items are read lazily; windows of consecutive items share network batches. cutoff: Hz, or
         'auto'/None to estimate it per item. lfr: keep the input's spectrum below the cutoff.
-        progress(key, done, total) is called as windows finish.
+        progress(key, done, total) is called as windows finish. A result whose audio is not finite
+        carries the reason in `error` (the other items go on). A non-finite cfg_scale is a ValueError
+        before any work.
         """
+        if cfg_scale is not None and not math.isfinite(cfg_scale):
+            raise ValueError(f"the guidance scale (cfg_scale) must be a finite number, got {cfg_scale}")
         queue: deque = deque()  # (job, window index, channel)
         jobs: deque[_Job] = deque()
         items = iter(items)
@@ -286,16 +351,16 @@ class Upsampler:
                 job = self._prepare(*item, cutoff)
                 item = None  # the input at its own rate is no longer needed
                 jobs.append(job)
-                queue.extend((job, i, ch) for i in range(len(job.ranges)) for ch in range(job.lr.shape[0]))
+                queue.extend((job, i, ch) for i in range(len(job.ranges)) for ch in job.active)
                 if progress:
                     progress(job.key, 0, job.total)
+            while jobs and jobs[0].done == jobs[0].total:  # before any batch too: silence needs none
+                job = jobs.popleft()
+                yield job.key, self._finish(job, lfr)
             if not queue:
                 break
             self._run_batch([queue.popleft() for _ in range(min(self.batch_size, len(queue)))],
                             steps, solver, cfg_scale, seed, progress)
-            while jobs and jobs[0].done == jobs[0].total:
-                job = jobs.popleft()
-                yield job.key, self._finish(job, lfr)
 
     # --- the three stages ---------------------------------------------------------------------------
 
@@ -306,14 +371,19 @@ class Upsampler:
         length = output_length(audio.shape[-1], sr)
         cut = estimate_cutoff(audio, sr) if cutoff in (None, "auto") else min(float(cutoff), sr / 2)
         lr = resample_to_44k(audio, sr)  # [C, L']
+        gain = level_gain(lr)  # [C]
+        active = [k for k in range(lr.shape[0]) if gain[k] > 0]
         result = UpsampleResult(torch.empty(0), lr, min(cut, SR / 2), length / SR)
         toc = self._sync()
-        c = self.codec.encode(lr[:, None].to(self.device))  # [C, Cz, T], normalised in place (memory)
+        scaled = (lr * gain[:, None])[:, None].to(self.device)  # [C, 1, L'] at the reference level
+        c = self.codec.encode(scaled)  # [C, Cz, T], normalised in place (memory)
+        del scaled
         self.norm.normalize(c, inplace=True)
         result.other_s, result.codec_s = toc - tic, self._sync() - toc
         T = c.shape[-1]
         ranges = window_ranges(T, self.window, self.overlap)
-        return _Job(key, lr, c, ranges, result, torch.zeros_like(c), torch.zeros(T, device=self.device))
+        return _Job(key, lr, gain, active, c, ranges, result, torch.zeros_like(c),
+                    torch.zeros(T, device=self.device))
 
     def _run_batch(self, batch: list, steps, solver, cfg_scale, seed, progress: Progress | None) -> None:
         sizes = [job.ranges[i][1] - job.ranges[i][0] for job, i, _ in batch]
@@ -335,7 +405,7 @@ class Upsampler:
             s, e = job.ranges[i]
             w = window_weights(job.ranges, i).to(self.device)  # [e - s]
             job.acc[ch, :, s:e] += x[b, :, : e - s] * w
-            if ch == 0:
+            if ch == job.active[0]:  # every active channel has the same windows: count them once
                 job.wsum[s:e] += w
             job.result.network_s += elapsed * sizes[b] / sum(sizes)
             job.done += 1
@@ -345,18 +415,33 @@ class Upsampler:
     def _finish(self, job: _Job, lfr: bool) -> UpsampleResult:
         res = job.result
         tic = self._sync()
+        if not job.active:  # digital silence throughout: nothing to generate, nothing to decode
+            job.acc = job.c = None
+            res.audio = torch.zeros_like(job.lr)
+            res.other_s += self._sync() - tic
+            return res
         z = job.acc.div_(job.wsum)  # [C, Cz, T] blended; denormalised in place below (memory)
         self.norm.denormalize(z, inplace=True)
         job.acc = job.c = None
         out = self.codec.decode(z, length=job.lr.shape[-1])[:, 0]  # [C, L']
         del z
         toc = self._sync()
+        out = restore_level(out, job.gain)  # back to the input's level; silent channels exactly zero
         if lfr:
             out = low_frequency_replace(out, job.lr, res.cutoff)
         res.audio = out.float().cpu()
+        if not bool(torch.isfinite(res.audio).all()):
+            res.error = self.nonfinite_cause()
         res.codec_s += toc - tic
         res.other_s += self._sync() - toc
         return res
+
+    def nonfinite_cause(self) -> str:
+        """Why an output came out non-finite. The input (checked by `check_signal`) and the guidance
+        scale (checked by `upsample_many`) are finite, so it is the network's numbers: its weights, or
+        their precision."""
+        where = f"checkpoint {self.checkpoint}; " if self.checkpoint is not None else ""
+        return f"the network produced non-finite values ({where}try --precision fp32 or another checkpoint)"
 
 
 def check_signal(audio: torch.Tensor, sr: int, name: object = None) -> None:

@@ -180,7 +180,7 @@ def test_one_window_equals_upsample_44k(checkpoint):
     up = upsampler(checkpoint, window_seconds=10.0)
     x = clip(1.3, channels=2)
     res = up.upsample(x, SR, lfr=False, steps=3, seed=5)
-    ref = up.upsample_44k(x[:, None], steps=3, seed=5)[:, 0]  # [C, L]
+    ref = up.upsample_44k(x[:, None], steps=3, seed=5, level=True)[:, 0]  # [C, L]
     assert torch.equal(res.audio, ref)
 
 
@@ -293,6 +293,44 @@ def test_multichannel_layout_kept(checkpoint):
     assert y.shape == (3, output_length(x.shape[-1], 16000))
     peaks = torch.fft.rfft(y, dim=-1).abs().argmax(-1) * SR / y.shape[-1]  # [3] Hz
     assert torch.allclose(peaks, torch.tensor([300.0, 700.0, 1100.0]), atol=5)
+
+
+def test_digital_silence_stays_exactly_silent(tmp_path, capsys, checkpoint):
+    up = upsampler(checkpoint, window_seconds=0.4, overlap_seconds=0.1)
+    res = up.upsample(torch.zeros(1, 16000), 16000, steps=2)
+    assert res.audio.shape == (1, SR) and not res.audio.any()  # mono: every sample exactly 0.0
+    x = clip(1.3, 16000, channels=2)
+    x[1] = 0.0  # a stereo file with one silent channel (windowed: several windows per channel)
+    y = up.upsample(x, 16000, steps=2).audio
+    assert not y[1].any() and bool((y[0].abs() > 0).any())
+    sf.write(tmp_path / "silence.wav", np.zeros(8000, np.float32), 16000)  # what the user ran
+    rc, out, err = run_cli(capsys, tmp_path / "silence.wav", "--checkpoint", checkpoint, "--steps", "2")
+    assert rc == 0, err
+    assert not sf.read(tmp_path / "silence_jat.wav")[0].any()
+
+
+def high_band_ratio(y: torch.Tensor, x: torch.Tensor, cutoff: float) -> float:
+    """Energy of y above `cutoff` over the energy of x (both [C, L] at 44.1 kHz)."""
+    spec = torch.fft.rfft(y.double(), dim=-1).abs().square()
+    high = torch.fft.rfftfreq(y.shape[-1], 1 / SR) > cutoff
+    return float(spec[:, high].sum() / x.double().square().sum() * 2 / y.shape[-1])
+
+
+@pytest.mark.parametrize("g", [2.0**-10, 2.0**-13])
+def test_output_scales_with_the_input_level(checkpoint, g):
+    """upsample(g * x) == g * upsample(x). Tolerance: none. g is a power of two, and scaling by a power
+    of two is exact in binary floating point (short of underflow, far away here): resampling, the
+    STFTs of the low-frequency replacement and the division by the gain are linear and so scale
+    exactly, the gain is exactly 1 / g times larger, so the network sees the same bits."""
+    up = upsampler(checkpoint)
+    x = apply_degradation(clip(1.2), SR, Degradation(6000.0, "butter", 8))  # [1, L]
+    x = x * (0.1 / x.square().mean().sqrt())  # -20 dBFS RMS; g * x is at -80 (2^-10) or -98 dBFS
+    kw = dict(steps=2, cutoff=6000.0)
+    loud, quiet = up.upsample(x, SR, **kw).audio, up.upsample(x * g, SR, **kw).audio
+    assert torch.equal(quiet, loud * g)
+    ratio = high_band_ratio(loud, x, 6000.0)
+    assert ratio > 10 * high_band_ratio(x, x, 6000.0)  # the model did add a band above the cutoff ...
+    assert high_band_ratio(quiet, x * g, 6000.0) == ratio  # ... as strong relative to a quiet input
 
 
 def test_ema_weights_by_default_and_precision(checkpoint):
