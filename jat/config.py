@@ -5,13 +5,16 @@ rejects unknown or misspelled keys, wrong types and impossible values with a `Co
 names the key path and the file. `section.key=value` overrides come from the command line.
 
 A YAML file may start from another with `base: other.yaml` (resolved beside it); the model
-section may start from a named size preset with `model: {preset: small}`.
+section may start from a named size preset with `model: {preset: small}`. YAML is read by
+`jat.yaml_loader`, which refuses duplicate keys and alias bombs. Every number must be finite and
+inside the range `RANGES` gives for its field; values in messages are shortened (`_show`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from jat import yaml_loader
+from jat.yaml_loader import cut as _cut
+from jat.yaml_loader import show as _show
 
 
 class ConfigError(ValueError):
@@ -186,7 +193,7 @@ class Config:
                         else ("data.train", self.data.train))
         for key, value in keys:
             if value and not Path(value).exists():
-                raise ConfigError(f"{source}: {key}: path not found: {value}")
+                raise ConfigError(f"{source}: {key}: path not found: {_cut(value, 300)}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -211,11 +218,13 @@ def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml_loader.load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except yaml_loader.YamlStructureError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:  # PyYAML's messages quote bounded snippets, but tokens can be long
+        raise ConfigError(f"{path}: not valid YAML: {_cut(str(exc), 400)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -235,17 +244,19 @@ def _deep_merge(a: dict, b: dict) -> dict:
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one `section.key=value` override (value parsed as YAML) to a raw config tree."""
     if "=" not in item:
-        raise ConfigError(f"command line: override '{item}' must look like section.key=value")
+        raise ConfigError(f"command line: override '{_cut(item)}' must look like section.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     node = data
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"command line: '{key}': '{p}' is not a section")
+            raise ConfigError(f"command line: '{_cut(key)}': '{_cut(p)}' is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError:
+        node[parts[-1]] = yaml_loader.load(raw)
+    except yaml_loader.YamlStructureError as exc:
+        raise ConfigError(f"command line: '{_cut(key)}': {exc}") from None
+    except yaml.YAMLError:  # not YAML: the text itself, e.g. a path with a colon
         node[parts[-1]] = raw
 
 
@@ -254,7 +265,7 @@ def _apply_presets(data: dict[str, Any], source: str) -> dict[str, Any]:
     if isinstance(model, dict) and model.get("preset") is not None:
         name = model["preset"]
         if not isinstance(name, str) or name not in MODEL_PRESETS:
-            raise ConfigError(f"{source}: model.preset: unknown preset '{name}' "
+            raise ConfigError(f"{source}: model.preset: unknown preset {_show(name)} "
                               f"(choose from {sorted(MODEL_PRESETS)})")
         data = dict(data, model={**MODEL_PRESETS[name], **model})
     return data
@@ -262,16 +273,14 @@ def _apply_presets(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _build(cls: type, data: Any, path: str, source: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
+        where = f"{path}.{_cut(str(key), 40)}" if path else _cut(str(key), 40)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
-            raise ConfigError(f"{source}: {where}: unknown key{hint}")
+            raise ConfigError(f"{source}: {where}: unknown key{_key_hint(str(key), names, path)}")
         kwargs[key] = _coerce(hints[key], value, where, source)
     return cls(**kwargs)
 
@@ -299,12 +308,12 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
             words = ("yes", "on", "true") if value else ("no", "off", "false")
             value = next((w for w in words if w in choices), value)
         if value not in choices:
-            raise ConfigError(f"{source}: {where}: must be one of {list(choices)}, got {value!r}")
+            raise ConfigError(f"{source}: {where}: must be one of {list(choices)}, got {_show(value)}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
+            raise ConfigError(f"{source}: {where}: expected a list, got {_show(value)}")
         return [_coerce(item_tp, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -317,11 +326,74 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
         return value
     if value is None:
         raise ConfigError(f"{source}: {where}: a value is required (got null)")
-    raise ConfigError(f"{source}: {where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{source}: {where}: expected {tp.__name__}, got {type(value).__name__} {_show(value)}")
+
+
+def _key_hint(key: str, names: list[str], path: str) -> str:
+    """' (did you mean ...?)' for an unknown key: a close match in its own section, or the other
+    section where the key (or a close match) lives: `train.lr` -> 'optim.lr', top-level `lr` too."""
+    sections = typing.get_type_hints(Config)
+    others = [f"{sec}.{f.name}" for sec, tp in sections.items() if sec != path
+              for f in dataclasses.fields(tp)] if path in ("", *sections) else []
+    leaf = {p: p.split(".")[1] for p in others}
+    picks = [p for p in others if leaf[p] == key] + difflib.get_close_matches(key, names, n=1)
+    if not picks:
+        close = difflib.get_close_matches(key, sorted(set(leaf.values())), n=1)
+        picks = [p for p in others if close and leaf[p] == close[0]]
+    if not picks:
+        return f" (known keys: {', '.join(names)})"
+    return f" (did you mean {' or '.join(repr(p) for p in picks[:3])}?)"
 
 
 # ---------------------------------------------------------------------------------------------
 # validation of values that are well-typed but impossible
+
+# The allowed values of every number in the config (of each item, for a list of numbers), written
+# as the message says them; besides, every float must be finite and every int fit in 64 bits.
+# tests/test_config.py checks that every int and float field has a rule here.
+_RULES = {
+    ">= 1": "model.in_channels model.patch_size model.hidden_size model.depth model.num_heads "
+            "model.num_kv_heads model.bottleneck_dim model.time_freq_dim model.max_tokens flow.steps "
+            "data.order_min data.order_max data.versions train.max_steps train.batch_size train.grad_accum "
+            "train.log_every train.val_every train.val_steps train.ckpt_every train.keep_last "
+            "train.max_bad_steps lora.rank lora.temporal_dim lora.temporal_kernel "
+            "data.val_clips",  # data.val: null turns validation off, not 0 clips
+    ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps",
+    "> 0": "model.mlp_ratio model.rope_theta flow.u_shape_a flow.logit_normal_std codec.chunk_seconds "
+           "data.segment_seconds optim.lr optim.eps optim.grad_clip lora.alpha",
+    "in [0, 1)": "flow.cond_dropout optim.betas train.ema_decay lora.dropout",
+    "in (0, 1)": "flow.t_eps",
+    "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio",
+    "in (0, 1]": "codec.mdct_compression",
+    "in (0, 22050)": "data.cutoff_min data.cutoff_max data.val_cutoff",  # Hz, below Nyquist at 44.1 kHz
+    "in [0, 4294967295]": "train.seed",  # accelerate's set_seed seeds numpy, which takes < 2**32
+    "finite": "flow.logit_normal_mean flow.cfg_scale",  # cfg_scale 1 is off, 0 unconditional, < 0 repels
+}
+RANGES: dict[str, str] = {key: rule for rule, keys in _RULES.items() for key in keys.split()}
+
+
+def _satisfies(value: float, rule: str) -> bool:
+    """Whether value meets a RANGES rule: 'finite', '> a', '>= a', or 'in [a, b)' style intervals."""
+    op, _, rest = rule.partition(" ")
+    if op == "finite":
+        return True  # checked for every float already
+    if op in (">", ">="):
+        return value > float(rest) if op == ">" else value >= float(rest)
+    lo, hi = (float(x) for x in rest[1:-1].split(","))
+    above = lo < value if rest[0] == "(" else lo <= value
+    return above and (value < hi if rest[-1] == ")" else value <= hi)
+
+
+def numbers(obj: Any, path: str = "") -> typing.Iterator[tuple[str, int | float]]:
+    """(key path, value) of every int and float in a config, list items included; not bools."""
+    for f in dataclasses.fields(obj):
+        value, where = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            yield from numbers(value, where)
+        elif isinstance(value, list):
+            yield from ((f"{where}[{i}]", v) for i, v in enumerate(value) if type(v) in (int, float))
+        elif type(value) in (int, float):
+            yield where, value
 
 
 def validate(cfg: Config, source: str) -> None:
@@ -331,53 +403,51 @@ def validate(cfg: Config, source: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: {where}: {msg}")
 
+    # every number, found generically so that a new field cannot escape: finite, then in range
+    for where, value in numbers(cfg):
+        rule = RANGES.get(where.split("[")[0], "finite")
+        if type(value) is float and not math.isfinite(value):
+            rule = "a finite number"
+        elif type(value) is int and not -2**63 <= value < 2**63:
+            rule = "a 64-bit integer"
+        elif _satisfies(value, rule):
+            continue
+        raise ConfigError(f"{source}: {where}: must be {rule}, got {_show(value)}")
+
+    # relations between fields, and limits that need a reason
     m = cfg.model
-    for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_kv_heads",
-                 "bottleneck_dim", "time_freq_dim", "max_tokens"):
-        check(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
     check(m.hidden_size % m.num_heads == 0, "model.num_heads",
           f"{m.num_heads} heads do not divide hidden_size {m.hidden_size}")
     check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
           f"{m.num_kv_heads} KV heads do not divide num_heads {m.num_heads}")
     check((m.hidden_size // m.num_heads) % 2 == 0, "model.num_heads", "head dim must be even for RoPE")
     check(m.time_freq_dim % 2 == 0, "model.time_freq_dim", "must be even")
-    check(m.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+    check(int(m.hidden_size * m.mlp_ratio) >= 1, "model.mlp_ratio",
+          f"hidden_size * mlp_ratio must give an MLP width >= 1, got {m.mlp_ratio}")
     expected = {"dac": 1024, "mdct": 512}[cfg.codec.name]
     check(m.in_channels == expected, "model.in_channels",
           f"codec '{cfg.codec.name}' gives {expected} latent channels, got {m.in_channels}")
 
     f = cfg.flow
-    check(0 < f.t_eps < 1, "flow.t_eps", f"must be in (0, 1), got {f.t_eps}")
-    check(0 <= f.cond_dropout < 1, "flow.cond_dropout", f"must be in [0, 1), got {f.cond_dropout}")
-    check(f.steps >= 1, "flow.steps", f"must be >= 1, got {f.steps}")
-    check(f.u_shape_a > 0, "flow.u_shape_a", "must be > 0")
-    check(len(f.cfg_interval) == 2 and 0 <= f.cfg_interval[0] <= f.cfg_interval[1] <= 1,
-          "flow.cfg_interval", f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {f.cfg_interval}")
+    check(f.u_shape_a <= 700, "flow.u_shape_a",  # math.expm1(a) in sample_t overflows past 709
+          f"must be <= 700, got {f.u_shape_a}")
+    check(len(f.cfg_interval) == 2 and f.cfg_interval[0] <= f.cfg_interval[1],
+          "flow.cfg_interval", f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {_show(f.cfg_interval)}")
 
     d = cfg.data
-    check(d.segment_seconds > 0, "data.segment_seconds", "must be > 0")
-    check(0 < d.cutoff_min <= d.cutoff_max < 22050, "data.cutoff_min",
+    check(d.segment_seconds * 44100 >= 512, "data.segment_seconds",  # else the crop has no latent frame
+          f"must cover at least one latent frame (512 samples at 44.1 kHz), got {d.segment_seconds}")
+    check(d.cutoff_min <= d.cutoff_max, "data.cutoff_min",
           f"need 0 < cutoff_min <= cutoff_max < 22050, got {d.cutoff_min}, {d.cutoff_max}")
-    check(1 <= d.order_min <= d.order_max, "data.order_min", "need 1 <= order_min <= order_max")
+    check(d.order_min <= d.order_max, "data.order_min", "need 1 <= order_min <= order_max")
     unknown = set(d.filters) - {"butter", "cheby1", "bessel", "ellip"}
-    check(bool(d.filters) and not unknown, "data.filters", f"unknown filter families {sorted(unknown)}")
-    check(d.versions >= 1, "data.versions", "must be >= 1")
+    check(bool(d.filters) and not unknown, "data.filters",
+          f"unknown filter families {_show(sorted(unknown))}")
 
     o = cfg.optim
-    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "need two values in [0, 1)")
-    check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    check(o.grad_clip > 0, "optim.grad_clip", "must be > 0")
-
-    t = cfg.train
-    for name in ("max_steps", "batch_size", "grad_accum", "log_every", "val_every", "ckpt_every", "keep_last",
-                 "val_steps", "max_bad_steps"):
-        check(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
-    check(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+    check(len(o.betas) == 2, "optim.betas", f"need two values in [0, 1), got {_show(o.betas)}")
 
     lo = cfg.lora
-    check(lo.rank >= 1, "lora.rank", "must be >= 1")
     check(lo.mode == "none" or bool(lo.targets) or lo.temporal_adapter, "lora.targets", "nothing to adapt")
 
 
