@@ -50,6 +50,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_tokens: int = 2048  # length of the learned position table (pos_embed=learned only)
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+    envelope_bands: int = 0  # extra output channels: a per-frame log-envelope (flow.precondition=band)
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -75,6 +76,9 @@ class FlowConfig:
     steps: int = 32
     cfg_scale: float = 1.0  # classifier-free guidance; 1.0 is off
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
+    precondition: Literal["none", "band"] = "none"  # output parametrisation (flow.py docstring)
+    band_threshold: float = 0.1  # "band": a channel whose condition RMS is below this counts as absent
+    sigma_min: float = 0.05  # "band": residual scale of the channels the condition carries
 
 
 @dataclass
@@ -358,13 +362,13 @@ _RULES = {
             "train.log_every train.val_every train.val_steps train.ckpt_every train.keep_last "
             "train.max_bad_steps lora.rank lora.temporal_dim lora.temporal_kernel "
             "data.val_clips",  # data.val: null turns validation off, not 0 clips
-    ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps",
+    ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps model.envelope_bands",
     "> 0": "model.mlp_ratio model.rope_theta flow.u_shape_a flow.logit_normal_std codec.chunk_seconds "
-           "data.segment_seconds optim.lr optim.eps optim.grad_clip lora.alpha",
+           "data.segment_seconds optim.lr optim.eps optim.grad_clip lora.alpha flow.band_threshold",
     "in [0, 1)": "flow.cond_dropout optim.betas train.ema_decay lora.dropout",
     "in (0, 1)": "flow.t_eps",
     "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio",
-    "in (0, 1]": "codec.mdct_compression",
+    "in (0, 1]": "codec.mdct_compression flow.sigma_min",
     "in (0, 22050)": "data.cutoff_min data.cutoff_max data.val_cutoff",  # Hz, below Nyquist at 44.1 kHz
     "in [0, 4294967295]": "train.seed",  # accelerate's set_seed seeds numpy, which takes < 2**32
     "finite": "flow.logit_normal_mean flow.cfg_scale",  # cfg_scale 1 is off, 0 unconditional, < 0 repels

@@ -9,6 +9,25 @@ The network predicts x̂ (x-prediction); the loss compares velocities,
     v̂ = (x̂ - z_t) / max(1 - t, t_eps),  v = (x - z_t) / max(1 - t, t_eps),  loss = mean((v̂ - v)²),
 and sampling integrates dz/dt = (x̂ - z)/(1 - t) from t = 0 to 1 (Euler or Heun, with a final Euler
 step, which lands exactly on x̂).
+
+Output parametrisation (`flow.precondition`, docs/design.md "Objective"). With "none" (V2's default)
+the network output is x̂ itself. With "band", for band-split latents such as the mdct codec's, x̂ is
+the posterior mean of a simple prior plus a learned correction, in the manner of EDM's
+preconditioning: x = c + r, where the residual r is zero in the channels the condition carries and
+N(0, σ_k²) in the channels it lacks, so that
+
+    x̂ = c + s_k(t)·(z_t - t·c) + o_k(t)·F,   s_k = t σ_k² / (t² σ_k² + (1-t)²),
+                                             o_k = (1-t) σ_k / sqrt(t² σ_k² + (1-t)²).
+
+s_k·(z_t - t·c) is E[r | z_t] under that prior: it carries z_t through wherever it is informative
+(the network cannot: its input bottleneck is far narrower than a token's 2·C·p values) and the
+condition's own band passes untouched (σ_k -> 0). o_k scales F so that the velocity loss weights
+every t about equally: F's weight in the loss, o_k² / (1-t)², is at most 1 + σ_k² at every t instead
+of growing as 1 / (1-t)². σ_k = (σ_min + (1 - σ_min)·absent_k)·exp(e_k): absent_k (in [0, 1]) from the
+condition's own RMS per channel over the segment (no cutoff needs to be known), e_k a per-frame
+log-envelope the network predicts on `model.envelope_bands` bands (extra output channels,
+interpolated over the C channels): the level of what is generated is set there, in a handful of
+numbers per frame, instead of by rescaling noise through the bottleneck.
 """
 
 from __future__ import annotations
@@ -18,8 +37,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from jat.config import FlowConfig
+
+ENV_LOG_RANGE = 7.0  # |predicted log-envelope| is clamped here: a factor of e^7 ≈ 1100 either way
 
 
 class Denoiser(Protocol):
@@ -96,10 +118,10 @@ class FlowMatching:
         # a full mask is passed as None: fused attention kernels need no mask, and a compiled model
         # sees no data-dependent branch
         model_mask = None if mask is None or bool(mask.all()) else mask
-        x_hat = model(z_t, t, c, model_mask)  # [B, C, T]
+        x_hat = self.predict_x(model, z_t, t, c, model_mask)  # [B, C, T]
         denom = (1 - tb).clamp_min(self.cfg.t_eps)
         v = (x - z_t) / denom
-        v_hat = (x_hat.float() - z_t) / denom
+        v_hat = (x_hat - z_t) / denom
         err = (v_hat - v).pow(2).mean(dim=1)  # [B, T]
         if mask is None:
             per_example = err.mean(dim=1)  # [B]
@@ -109,6 +131,39 @@ class FlowMatching:
             per_example = (err * m).sum(1) / m.sum(1).clamp_min(1)
             loss = (err * m).sum() / m.sum().clamp_min(1)
         return loss, {"t": t.detach(), "loss_per_example": per_example.detach()}
+
+    # --- the network's output as a clean-latent estimate -------------------------------------------
+    def predict_x(self, model: Denoiser, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x̂ [B, C, T] for z [B, C, T] at times t [B], through the configured output parametrisation."""
+        out = model(z, t, c, mask).float()  # [B, C (+ bands), T]
+        C = c.shape[1]
+        if self.cfg.precondition == "none":
+            return out
+        F_, env = out[:, :C], out[:, C:]  # [B, C, T], [B, bands, T]
+        sigma = self.residual_scale(c, mask, env)  # [B, C, T]
+        tb = t.view(-1, 1, 1).float()
+        var = (tb * sigma).square() + (1 - tb).square()
+        skip = tb * sigma.square() / var
+        scale = (1 - tb) * sigma * var.rsqrt()
+        return torch.addcmul(c + skip * (z - tb * c), scale, F_)
+
+    def residual_scale(self, c: torch.Tensor, mask: torch.Tensor | None, env: torch.Tensor) -> torch.Tensor:
+        """σ [B, C, T] of the "band" prior: small where the condition carries a channel, 1 where it is
+        empty, times exp of the predicted log-envelope env [B, bands, T] (bands may be 0)."""
+        B, C, T = c.shape
+        c = c.float()
+        if mask is None:
+            rms = c.square().mean(-1, keepdim=True).sqrt()  # [B, C, 1]
+        else:
+            m = mask[:, None].float()  # [B, 1, T]
+            rms = ((c.square() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)).sqrt()
+        absent = (1 - rms / self.cfg.band_threshold).clamp(0, 1)  # [B, C, 1]
+        sigma = self.cfg.sigma_min + (1 - self.cfg.sigma_min) * absent  # [B, C, 1]
+        if env.shape[1] == 0:
+            return sigma.expand(B, C, T)
+        log_env = F.interpolate(env.float().transpose(1, 2), size=C, mode="linear", align_corners=False)
+        return sigma * log_env.transpose(1, 2).clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE).exp()  # [B, C, T]
 
     @staticmethod
     def null_condition(c: torch.Tensor) -> torch.Tensor:
@@ -129,10 +184,11 @@ class FlowMatching:
         denom = 1.0 - t
         guided = cfg_scale != 1.0 and cfg_interval[0] <= t <= cfg_interval[1]
         if not guided:
-            return (model(z, tt, c, mask).float() - z) / denom
+            return (self.predict_x(model, z, tt, c, mask) - z) / denom
         m2 = None if mask is None else torch.cat([mask, mask])
-        x_both = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([c, self.null_condition(c)]), m2)
-        x_cond, x_uncond = x_both.float().chunk(2)
+        x_both = self.predict_x(model, torch.cat([z, z]), torch.cat([tt, tt]),
+                                torch.cat([c, self.null_condition(c)]), m2)
+        x_cond, x_uncond = x_both.chunk(2)
         x_hat = x_uncond + cfg_scale * (x_cond - x_uncond)
         return (x_hat - z) / denom
 

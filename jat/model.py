@@ -275,7 +275,9 @@ class JaT(nn.Module):
             self.rope = None
             self.pos_table = nn.Parameter(torch.zeros(1, cfg.max_tokens, d))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(d, c * p)
+        # envelope_bands > 0: extra output channels, a per-frame log-envelope for flow.precondition=band
+        self.out_channels = c + cfg.envelope_bands
+        self.final_layer = FinalLayer(d, self.out_channels * p)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -300,7 +302,8 @@ class JaT(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x_t, c: [B, C, T]; t: [B] in [0, 1]; mask: optional [B, T] bool of valid frames.
 
-        Returns x̂ [B, C, T]. Padded frames (mask False) are hidden from attention when a whole
+        Returns x̂ [B, C, T] (with `envelope_bands` E > 0: [B, C + E, T], the E log-envelope channels
+        last, read by FlowMatching.predict_x). Padded frames (mask False) are hidden from attention when a whole
         token is padding.
         """
         p = self.cfg.patch_size
@@ -329,9 +332,9 @@ class JaT(nn.Module):
                 x = checkpoint(block, x, cond, rope, key_mask, use_reentrant=False)
             else:
                 x = block(x, cond, rope, key_mask)  # [B, N, D]
-        out = self.final_layer(x, cond)  # [B, N, C·p]
-        out = rearrange(out, "b n (c p) -> b c (n p)", p=p)  # [B, C, T_pad]
-        return out[..., :T]  # [B, C, T]
+        out = self.final_layer(x, cond)  # [B, N, (C + E)·p]
+        out = rearrange(out, "b n (c p) -> b c (n p)", p=p)  # [B, C + E, T_pad]
+        return out[..., :T]  # [B, C + E, T]
 
 
 def cast_linears_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
