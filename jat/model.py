@@ -303,8 +303,8 @@ class JaT(nn.Module):
         """x_t, c: [B, C, T]; t: [B] in [0, 1]; mask: optional [B, T] bool of valid frames.
 
         Returns x̂ [B, C, T] (with `envelope_bands` E > 0: [B, C + E, T], the E log-envelope channels
-        last, read by FlowMatching.predict_x). Padded frames (mask False) are hidden from attention when a whole
-        token is padding.
+        last, read by FlowMatching.predict_x). Padded frames (mask False) are hidden from attention
+        when a whole token is padding.
         """
         p = self.cfg.patch_size
         T = x_t.shape[-1]

@@ -201,7 +201,7 @@ def test_band_skip_is_the_posterior_mean_of_the_prior():
         z = t * x + (1 - t) * eps
         x_hat = fm.predict_x(ConstantNet(1), z, torch.tensor([t]), c)
         fitted = float((x * z).sum() / (z * z).sum())  # least-squares coefficient of x on z
-        # the regression estimate's standard error is about sqrt((1 - ρ²) / n) / std(z) <= 1 / sqrt(n) / std(z)
+        # the regression estimate's standard error: sqrt((1 - ρ²) / n) / std(z) <= 1 / (sqrt(n) std(z))
         se = 1 / math.sqrt(n) / float(z.std())
         assert float((x_hat / z).mean()) == pytest.approx(t / (t * t + (1 - t) ** 2), rel=1e-6)
         assert fitted == pytest.approx(float((x_hat / z).mean()), abs=5 * se)
