@@ -196,15 +196,6 @@ def test_build_codec_mdct():
 # DAC (tiny randomly initialised model built from the real descript-audio-codec classes)
 
 
-@pytest.fixture(scope="module")
-def tiny_dac():
-    import dac
-
-    torch.manual_seed(0)
-    return dac.DAC(encoder_dim=4, encoder_rates=[2, 4, 8, 8], decoder_dim=32, decoder_rates=[8, 8, 4, 2],
-                   n_codebooks=2, codebook_size=16, codebook_dim=4)
-
-
 def test_dac_shapes_and_lengths(tiny_dac):
     codec = DACCodec(tiny_dac)
     assert (codec.sample_rate, codec.hop, codec.latent_dim) == (44100, 512, 64)
