@@ -77,7 +77,7 @@ class FlowConfig:
     cfg_scale: float = 1.0  # classifier-free guidance; 1.0 is off
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
     precondition: Literal["none", "band"] = "none"  # output parametrisation (flow.py docstring)
-    band_threshold: float = 0.1  # "band": a channel whose condition RMS is below this counts as absent
+    band_threshold: float = 0.1  # "band": condition RMS below this: channel absent; above 3x: carried
     sigma_min: float = 0.05  # "band": residual scale of the channels the condition carries
 
 

@@ -158,7 +158,10 @@ class FlowMatching:
         else:
             m = mask[:, None].float()  # [B, 1, T]
             rms = ((c.square() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)).sqrt()
-        absent = (1 - rms / self.cfg.band_threshold).clamp(0, 1)  # [B, C, 1]
+        # absent below τ, carried above 3τ, a linear ramp between (the leakage floor of a resampler's
+        # stop band and the quietest carried bins overlap a little; docs/quality.md has the figures)
+        tau = self.cfg.band_threshold
+        absent = ((3 * tau - rms) / (2 * tau)).clamp(0, 1)  # [B, C, 1]
         sigma = self.cfg.sigma_min + (1 - self.cfg.sigma_min) * absent  # [B, C, 1]
         if env.shape[1] == 0:
             return sigma.expand(B, C, T)
