@@ -1,36 +1,87 @@
 """Evaluation: degrade HR files at fixed cutoffs with a recorded protocol, upsample, score.
 
-Every model figure stands beside the same figure for the sinc-resampled LR input (the baseline).
+`score_clip` is the one scoring path: evaluation, in-training validation (jat/validation.py) and the
+overfit check (jat/overfit.py) all go through it. It runs the shipped windowed path once,
+`Upsampler.upsample(..., lfr=False)`, applies the low-frequency replacement itself, and scores:
+
+* the output with low-frequency replacement (what users get: the headline figures),
+* the output's band below the cutoff *without* it (`lsd_lf_no_lfr`: does the network itself keep
+  what it was given?),
+* the sinc-resampled input and the noise fill (jat/baselines.py), the baseline that matters.
+
+Every model figure stands beside the same figure for both baselines.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from jat.audio import AudioError, load_audio
-from jat.band import SR
+from jat.band import SR, low_frequency_replace
+from jat.baselines import noise_fill
 from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.inference import Upsampler
-from jat.metrics import evaluate_pair
+from jat.metrics import PAIR_METRICS, WHO, OctaveError, evaluate_pair, lsd_split, octave_energy_error
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = {"filter": EVAL_FILTER[0], "order": EVAL_FILTER[1], "phase": "zero (sosfiltfilt)",
             "resampler": "torchaudio sinc (Kaiser), through 2 x cutoff rounded up to 100 Hz",
-            "channels": "each channel scored separately, then averaged", "sample_rate": SR}
-METRICS = ("lsd", "lsd_hf", "lsd_lf", "si_sdr")
+            "channels": "each channel scored separately, then averaged", "sample_rate": SR,
+            "inference": "Upsampler.upsample (windows), then jat.band.low_frequency_replace; "
+                         "lsd_lf_no_lfr scores the same output before the replacement",
+            "baselines": "sinc: the LR input; fill: jat.baselines.noise_fill (seeded)"}
+# per-row float figures that are averaged: model and baselines side by side, then the model's extras
+METRICS = tuple(f"{m}_{who}" for m in PAIR_METRICS for who in WHO) + ("lsd_lf_no_lfr", "rtf")
+
+
+@dataclass
+class ClipScore:
+    """One scored clip: the figures (`evaluate_pair` keys + lsd_lf_no_lfr, rtf) and the signals."""
+
+    metrics: dict[str, float]
+    output: torch.Tensor  # [C, L] with low-frequency replacement (the shipped output)
+    raw: torch.Tensor  # [C, L] the same output before the replacement
+    fill: torch.Tensor  # [C, L] the noise-fill baseline
+    octaves: dict[str, OctaveError]  # per-octave energy errors for model, sinc, fill
+
+
+def score_clip(up: Upsampler, hr: torch.Tensor, lr: torch.Tensor, cutoff: float, *,
+               steps: int | None = None, seed: int = 0) -> ClipScore:
+    """Upsample lr [C, L] (LR audio already at 44.1 kHz, cut at `cutoff` Hz) once and score it
+    against hr [C, L]; the noise fill uses the same seed."""
+    cut = min(float(cutoff), SR / 2)
+    tic = time.perf_counter()
+    res = up.upsample(lr, SR, cutoff=cut, lfr=False, steps=steps, seed=seed)
+    raw = res.audio  # [C, L]
+    out = low_frequency_replace(raw.clone(), res.input, cut)  # [C, L] what lfr=True returns
+    elapsed = time.perf_counter() - tic
+    fill = noise_fill(lr, cut, SR, seed=seed)  # [C, L]
+    metrics = evaluate_pair(out, hr, lr, cut, SR, fill=fill)
+    metrics["lsd_lf_no_lfr"] = lsd_split(raw, hr, cut, SR)["lsd_lf"]
+    metrics["rtf"] = elapsed / (hr.shape[-1] / SR)
+    octaves = {who: octave_energy_error(x, hr, cut, SR) for who, x in zip(WHO, (out, lr, fill), strict=True)}
+    return ClipScore(metrics, out, raw, fill, octaves)
 
 
 def evaluate(up: Upsampler, files: Sequence[str | Path], cutoffs: Sequence[float], steps: int | None = None,
-             seed: int = 0, max_seconds: float | None = None, lfr: bool = True,
+             seed: int = 0, max_seconds: float | None = None, *, categories: Sequence[str] | None = None,
              progress: Callable[[str], None] | None = None) -> dict:
-    """Score `up` on every (file, cutoff); returns {protocol, rows, aggregate, skipped}."""
+    """Score `up` on every (file, cutoff); returns {protocol, rows, aggregate, skipped}.
+
+    `categories` (one name per file, e.g. 'speech', 'music') adds per-category aggregates.
+    """
+    if categories is not None and len(categories) != len(files):
+        raise ValueError(f"{len(categories)} categories for {len(files)} files")
     rows, skipped = [], {}
-    for path in files:
+    for k, path in enumerate(files):
         try:
             hr = load_audio(path, SR)  # [C, L]
         except AudioError as exc:
@@ -42,39 +93,61 @@ def evaluate(up: Upsampler, files: Sequence[str | Path], cutoffs: Sequence[float
         for cutoff in cutoffs:
             deg = Degradation(float(cutoff), PROTOCOL["filter"], PROTOCOL["order"])
             lr = apply_degradation(hr, SR, deg)  # [C, L]
-            res = up.upsample(lr, SR, cutoff=float(cutoff), lfr=lfr, steps=steps, seed=seed)
-            m = evaluate_pair(res.audio, hr, lr, float(cutoff), SR)
-            rows.append({"file": str(path), "cutoff": float(cutoff), "seconds": hr.shape[-1] / SR,
-                         "rtf": res.rtf["total"], **m})
+            score = score_clip(up, hr, lr, float(cutoff), steps=steps, seed=seed)
+            m = score.metrics
+            row = {"file": str(path), "cutoff": float(cutoff), "seconds": hr.shape[-1] / SR, **m,
+                   "octaves": {"bands": score.octaves["model"].bands,
+                               **{who: o.db for who, o in score.octaves.items()}}}
+            if categories is not None:
+                row["category"] = categories[k]
+            rows.append(row)
             if progress:
-                progress(f"{Path(path).name} @ {cutoff:g} Hz: LSD {m['lsd_model']:.3f} "
-                         f"(baseline {m['lsd_baseline']:.3f})")
-    return {"protocol": {**PROTOCOL, "cutoffs": list(map(float, cutoffs)), "steps": steps, "seed": seed,
-                         "low_frequency_replacement": lfr},
+                progress(f"{Path(path).name} @ {cutoff:g} Hz: LSD-HF {m['lsd_hf_model']:.3f} "
+                         f"(sinc {m['lsd_hf_sinc']:.3f}, noise fill {m['lsd_hf_fill']:.3f})")
+    return {"protocol": {**PROTOCOL, "cutoffs": list(map(float, cutoffs)), "steps": steps, "seed": seed},
             "rows": rows, "aggregate": aggregate(rows), "skipped": skipped}
 
 
 def aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean of every metric per cutoff and over all rows ('all')."""
+    """Mean of every metric over all rows ('all'), per cutoff ('8000'), and where rows carry a
+    category, per category ('speech') and, with several cutoffs, per category and cutoff ('speech@8000')."""
     groups: dict[str, list[dict]] = {"all": rows}
     for r in rows:
         groups.setdefault(f"{r['cutoff']:g}", []).append(r)
+    for r in rows:
+        if r.get("category") is not None:
+            groups.setdefault(str(r["category"]), []).append(r)
+    if len({r["cutoff"] for r in rows}) > 1:  # with one cutoff these would repeat the categories
+        for r in rows:
+            if r.get("category") is not None:
+                groups.setdefault(f"{r['category']}@{r['cutoff']:g}", []).append(r)
     out = {}
     for name, group in groups.items():
         if group:
-            keys = [f"{m}_{who}" for m in METRICS for who in ("model", "baseline")]
-            out[name] = {k: float(np.mean([g[k] for g in group])) for k in keys} | {"n": len(group)}
+            out[name] = {k: float(np.mean([g[k] for g in group])) for k in METRICS} | {"n": len(group)}
     return out
 
 
+# (label, model key, sinc key, fill key): what markdown_table shows per group
+TABLE_ROWS = (("LSD-HF", "lsd_hf_model", "lsd_hf_sinc", "lsd_hf_fill"),
+              ("LSD-LF (with LFR)", "lsd_lf_model", "lsd_lf_sinc", "lsd_lf_fill"),
+              ("LSD-LF (no LFR)", "lsd_lf_no_lfr", "lsd_lf_sinc", "lsd_lf_fill"),
+              ("octave error (dB)", "octave_err_model", "octave_err_sinc", "octave_err_fill"),
+              ("SI-SDR (dB)", "si_sdr_model", "si_sdr_sinc", "si_sdr_fill"))
+
+
 def markdown_table(result: dict) -> str:
-    """Aggregate table: per cutoff, model vs sinc baseline for each metric."""
-    head = "| cutoff | n | " + " | ".join(f"{m} model | {m} baseline" for m in METRICS) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(METRICS))]
+    """Aggregate table: per group, model | sinc | noise fill side by side for each metric.
+
+    Lower is better for the LSDs and the octave error (mean |dB| per octave above the cutoff),
+    higher for SI-SDR. Both LSD-LF rows compare against the same baselines.
+    """
+    lines = ["| group | n | metric | model | sinc | noise fill |", "|---|---|---|---|---|---|"]
     for name, agg in result["aggregate"].items():
-        cells = " | ".join(f"{agg[f'{m}_model']:.3f} | {agg[f'{m}_baseline']:.3f}" for m in METRICS)
-        lines.append(f"| {name} | {agg['n']} | {cells} |")
+        for label, *keys in TABLE_ROWS:
+            cells = " | ".join(f"{agg[k]:.3f}" for k in keys)
+            lines.append(f"| {name} | {agg['n']} | {label} | {cells} |")
     return "\n".join(lines)
 
 
-__all__ = ["PROTOCOL", "aggregate", "evaluate", "markdown_table"]
+__all__ = ["METRICS", "PROTOCOL", "ClipScore", "aggregate", "evaluate", "markdown_table", "score_clip"]

@@ -1,5 +1,17 @@
 """Evaluation metrics (SPEC.md section 8): log-spectral distance (whole, above and below the
-cutoff) and scale-invariant SDR, for a model output and for the sinc baseline beside it.
+cutoff), scale-invariant SDR and the per-octave energy error above the cutoff, for a model output
+and, beside it, for two baselines that learn nothing.
+
+Why the noise fill (jat/baselines.py) is the baseline that matters: the sinc-resampled input has an
+empty band above the cutoff, and in an empty bin LSD compares log10(eps) = -10 with log10 P of the
+reference, so it scores about |log10 eps - log10 P| (typically 8 to 12) there, whatever the
+reference holds. Any output with roughly the right level beats that by a factor of ten: beating
+sinc proves little. Random-phase noise with the input's spectral slope extrapolated upwards scores
+about 0.8 on a noise-like band (the spread of two independent exponential power spectra, in
+log10) and within a dB or two per octave in energy; a learned model must beat *that* clearly.
+SI-SDR goes the other way: random phases are pure error to it, so the fill scores below the sinc
+input. LSD and the octave error say whether a model restores the spectrum, SI-SDR whether it
+restores the waveform; the fill is the bar for the first, the sinc input for the second.
 
 Inputs are tensors or arrays shaped [L], [C, L] or [B, C, L]; leading dimensions are treated
 as independent signals and the metric is averaged over them. Model output and reference must
@@ -10,9 +22,12 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from jat.baselines import noise_fill
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +115,69 @@ def si_sdr(est: Signal, ref: Signal, eps: float = 1e-12) -> float:
     return float((10 * torch.log10(ratio)).mean())
 
 
-def evaluate_pair(est: Signal, ref: Signal, lr: Signal, cutoff: float, sr: int) -> dict[str, float]:
-    """Model and baseline figures side by side: `est` is the model output, `lr` the sinc-resampled
-    LR input at the same rate (the baseline), `ref` the HR truth.
+class OctaveError(NamedTuple):
+    """Energy error per octave above the cutoff: bands [(lo, hi) Hz], db [10 log10(E_est / E_ref)]."""
 
-    Keys: lsd_model, lsd_hf_model, lsd_lf_model, si_sdr_model and the same with _baseline.
+    bands: list[tuple[float, float]]
+    db: list[float]
+    mean_abs: float  # mean of |db| over the bands (NaN without bands)
+
+
+def octave_bands(cutoff: float, sr: int) -> list[tuple[float, float]]:
+    """[cutoff, 2 cutoff), [2 cutoff, 4 cutoff), ... up to Nyquist, the last band clipped (and closed)."""
+    bands, lo = [], float(cutoff)
+    if lo <= 0:
+        raise ValueError(f"cutoff must be positive, got {cutoff}")
+    while lo < sr / 2:
+        bands.append((lo, min(2 * lo, sr / 2)))
+        lo *= 2
+    return bands
+
+
+def octave_energy_error(est: Signal, ref: Signal, cutoff: float, sr: int, n_fft: int = N_FFT,
+                        hop: int = HOP, eps: float = 1e-10) -> OctaveError:
+    """Per-octave energy error in dB above `cutoff`: 10 log10(E_est / E_ref) per band of `octave_bands`.
+
+    Energies sum the STFT power over the whole clip (all frames, the band's bins), per signal; the
+    dB figures are averaged over signals. Both energies get the LSD's floor, eps per bin and frame,
+    so an empty band scores a large finite negative number (10 log10(eps / mean power per bin)).
+    est = g * ref gives 20 log10 g in every band.
     """
+    e, r = _pair(est, ref)
+    s_est, s_ref = power_spectrogram(e, n_fft, hop), power_spectrogram(r, n_fft, hop)  # [N, F, frames]
+    freqs = torch.arange(s_ref.shape[1], dtype=torch.float64) * sr / n_fft  # [F]
+    bands, db = octave_bands(cutoff, sr), []
+    for lo, hi in bands:
+        sel = (freqs >= lo) & ((freqs < hi) | (hi >= sr / 2))  # the last band keeps the Nyquist bin
+        floor = eps * int(sel.sum()) * s_ref.shape[-1]
+        e_est = s_est[:, sel].sum(dim=(1, 2)) + floor  # [N]
+        e_ref = s_ref[:, sel].sum(dim=(1, 2)) + floor  # [N]
+        db.append(float((10 * torch.log10(e_est / e_ref)).mean()))
+    mean_abs = float(np.mean(np.abs(db))) if db else math.nan
+    return OctaveError(bands, db, mean_abs)
+
+
+WHO = ("model", "sinc", "fill")  # the model output, the sinc-resampled input, the noise fill
+PAIR_METRICS = ("lsd", "lsd_hf", "lsd_lf", "si_sdr", "octave_err")
+
+
+def evaluate_pair(est: Signal, ref: Signal, lr: Signal, cutoff: float, sr: int,
+                  fill: Signal | None = None, seed: int = 0) -> dict[str, float]:
+    """The model and both baselines side by side: `est` is the model output, `lr` the sinc-resampled
+    LR input at the same rate, `ref` the HR truth; `fill` the noise-fill baseline (default:
+    `noise_fill(lr, cutoff, sr, seed)`).
+
+    Keys: {lsd, lsd_hf, lsd_lf, si_sdr, octave_err}_{model, sinc, fill}; octave_err is the mean
+    absolute per-octave energy error above the cutoff in dB (`octave_energy_error`).
+    """
+    if fill is None:
+        fill = noise_fill(lr, cutoff, sr, seed=seed)
     out: dict[str, float] = {}
-    for name, x in (("model", est), ("baseline", lr)):
+    for name, x in zip(WHO, (est, lr, fill), strict=True):
         split = lsd_split(x, ref, cutoff, sr)
         out[f"lsd_{name}"] = split["lsd"]
         out[f"lsd_hf_{name}"] = split["lsd_hf"]
         out[f"lsd_lf_{name}"] = split["lsd_lf"]
         out[f"si_sdr_{name}"] = si_sdr(x, ref)
+        out[f"octave_err_{name}"] = octave_energy_error(x, ref, cutoff, sr).mean_abs
     return out

@@ -1,5 +1,13 @@
-"""In-training validation: upsample fixed LR clips with the EMA weights and score them (LSD, LSD-HF)
-beside the sinc-resampled LR baseline; log audio and spectrograms to TensorBoard."""
+"""In-training validation: upsample fixed LR clips with the EMA weights through the one scoring path
+(`jat.evaluate.score_clip`: the shipped windowed upsampler, then low-frequency replacement) and score
+them beside the sinc-resampled input and the noise-fill baseline; log audio and spectrograms to
+TensorBoard.
+
+`Validator.__call__` returns the clips' mean figures (see `validation_metrics`): the model's under
+plain names (lsd, lsd_hf, lsd_lf, lsd_lf_no_lfr, si_sdr, octave_err, rtf; "lsd" picks the trainer's
+best checkpoint), the baselines' with _sinc and _fill, and lsd_baseline (the sinc LSD under its
+old name, for readers of older state.json files).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +22,11 @@ from jat.audio import list_audio_files, load_audio
 from jat.band import SR
 from jat.config import Config
 from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
+from jat.evaluate import ClipScore, score_clip
 from jat.inference import Upsampler
-from jat.metrics import evaluate_pair
 from jat.plots import spectrogram_image
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -62,20 +69,26 @@ class Validator:
         up = Upsampler(model, trainer.norm, trainer.codec, trainer.flow, trainer.acc.device, trainer.cfg)
         rows, self.last_outputs = [], []
         for i, clip in enumerate(self.clips):
-            out = up.upsample_44k(clip.lr[None], steps=self.steps, seed=self.seed + i)[0]  # [1, L]
-            self.last_outputs.append(out)
-            rows.append(evaluate_pair(out, clip.hr, clip.lr, clip.cutoff, SR))
+            score = score_clip(up, clip.hr, clip.lr, clip.cutoff, steps=self.steps, seed=self.seed + i)
+            self.last_outputs.append(score.output)  # [1, L] with low-frequency replacement
+            rows.append(score.metrics)
             if self.log_media and trainer.writer is not None and i < 2:
-                self._log_media(trainer.writer, trainer.step, clip, out)
-        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        return {"lsd": mean["lsd_model"], "lsd_hf": mean["lsd_hf_model"],
-                "lsd_baseline": mean["lsd_baseline"], "lsd_hf_baseline": mean["lsd_hf_baseline"],
-                "si_sdr": mean["si_sdr_model"], "si_sdr_baseline": mean["si_sdr_baseline"]}
+                self._log_media(trainer.writer, trainer.step, clip, score)
+        return validation_metrics({k: float(np.mean([r[k] for r in rows])) for k in rows[0]})
 
     @staticmethod
-    def _log_media(writer, step: int, clip: ValClip, out: torch.Tensor) -> None:
-        for kind, audio in (("lr", clip.lr), ("output", out), ("hr", clip.hr)):
+    def _log_media(writer, step: int, clip: ValClip, score: ClipScore) -> None:
+        for kind, audio in (("lr", clip.lr), ("noise_fill", score.fill), ("output", score.output),
+                            ("hr", clip.hr)):
             a = audio.reshape(-1).clamp(-1, 1)
             writer.add_audio(f"val_audio/{clip.name}/{kind}", a, step, sample_rate=SR)
             writer.add_image(f"val_spec/{clip.name}/{kind}", spectrogram_image(a, SR), step,
                              dataformats="HWC")
+
+
+def validation_metrics(m: dict[str, float]) -> dict[str, float]:
+    """`score_clip` figures -> validation keys: the model's without the _model suffix, the rest as
+    they are, plus lsd_baseline (= lsd_sinc)."""
+    out = {k.removesuffix("_model"): v for k, v in m.items()}
+    out["lsd_baseline"] = m["lsd_sinc"]
+    return out

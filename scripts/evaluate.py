@@ -3,9 +3,13 @@
 
     python scripts/evaluate.py --checkpoint CKPT --data DIR [--cutoffs 4000 8000 12000] [--steps N]
         [--json OUT]
+    python scripts/evaluate.py --checkpoint CKPT --data speech=heldout-speech.txt music=heldout-music.txt
 
-Reports LSD, LSD-HF, LSD-LF and SI-SDR per file and in aggregate, beside the same metrics for the
-sinc-resampled input (the baseline); writes JSON and a markdown table (OUT with .md).
+--data takes folders or manifests, each optionally named (NAME=PATH): named sets are also
+aggregated per name. Reports LSD-HF, LSD-LF (with and without low-frequency replacement),
+per-octave energy error and SI-SDR per file and in aggregate, beside the same metrics for the
+sinc-resampled input and for the noise-fill baseline (jat/baselines.py); prints a markdown table
+and writes JSON and the table (OUT with .md).
 """
 
 from __future__ import annotations
@@ -23,15 +27,36 @@ from jat.evaluate import evaluate, markdown_table
 from jat.inference import Upsampler
 
 
+def data_sets(specs: list[str]) -> tuple[list[str], list[str] | None]:
+    """--data entries ([NAME=]PATH) -> (files, one category per file, or None when none is named).
+
+    An entry is NAME=PATH when it holds '=', is not itself an existing path and NAME has no '/'."""
+    named = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if sep and name and "/" not in name and not Path(spec).exists():
+            named.append((name, path))
+        else:
+            named.append((None, spec))
+    if any(name == "all" or "@" in (name or "") for name, _ in named):
+        raise ValueError("a --data name may not be 'all' or contain '@' (aggregate names)")
+    files, categories = [], []
+    for name, path in named:
+        found = list_audio_files(path)
+        files += found
+        categories += [name or Path(path).stem] * len(found)
+    return files, (categories if any(name for name, _ in named) else None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--data", required=True, help="folder (recursive) or manifest of HR audio")
+    ap.add_argument("--data", required=True, nargs="+", metavar="[NAME=]PATH",
+                    help="folders (recursive) or manifests of HR audio, each optionally named")
     ap.add_argument("--cutoffs", nargs="+", type=float, default=[4000.0, 8000.0, 12000.0])
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-seconds", type=float, default=None, help="score only the start of each file")
-    ap.add_argument("--no-lfr", action="store_true", help="no low-frequency replacement")
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="write results here (and a markdown table beside it)")
@@ -39,12 +64,12 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         up = Upsampler.from_checkpoint(args.checkpoint, device=args.device, adapter=args.adapter)
-        files = list_audio_files(args.data)
-    except (CheckpointError, ConfigError, AudioError) as exc:
+        files, categories = data_sets(args.data)
+    except (CheckpointError, ConfigError, AudioError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = evaluate(up, files, args.cutoffs, steps=args.steps, seed=args.seed, max_seconds=args.max_seconds,
-                      lfr=not args.no_lfr, progress=print)
+                      categories=categories, progress=print)
     table = markdown_table(result)
     print()
     print(table)

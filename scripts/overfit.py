@@ -3,8 +3,9 @@
 
     python scripts/overfit.py --config small.yaml --audio clip.wav --duration 6 --steps 600
 
-Reports LSD against the HR clip, against the codec's own reconstruction of it (the ceiling), and
-the sinc-resampled LR baseline, and writes the audio, a spectrogram and metrics.json to --out.
+Scores the output through the evaluation path (jat.evaluate.score_clip) beside the sinc-resampled
+LR input and the noise-fill baseline, reports LSD against the codec's own reconstruction of the
+clip (the ceiling), and writes the audio, a spectrogram and metrics.json to --out.
 """
 
 from __future__ import annotations

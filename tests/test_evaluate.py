@@ -1,23 +1,39 @@
-"""scripts/evaluate.py and jat.evaluate: protocol, per-file and aggregate metrics beside the baseline."""
+"""The one scoring path (score_clip) and its users: evaluation, validation, scripts/evaluate.py."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from jat.evaluate import evaluate, markdown_table
+from jat.baselines import noise_fill
+from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
+from jat.evaluate import METRICS, evaluate, markdown_table, score_clip
+from jat.inference import Upsampler
+from jat.metrics import evaluate_pair, lsd_split
 from jat.synth import demo_clip
+from jat.validation import Validator, make_clip
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_inference import make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+SR = 44100
+spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+evaluate_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(evaluate_script)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -29,47 +45,135 @@ def data(tmp_path_factory):
     return root
 
 
+def degraded(seconds: float, cutoff: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    hr = torch.from_numpy(demo_clip(seconds, SR, seed=seed)).float()[None]  # [1, L]
+    return hr, apply_degradation(hr, SR, Degradation(cutoff, *EVAL_FILTER))
+
+
+# --- score_clip against the shipped path ---------------------------------------------------------------
+
+
+def test_score_clip_is_the_shipped_path(checkpoint):
+    """Several windows (0.5 s each over 1.5 s): the with-LFR output and its figures are exactly those of
+    up.upsample(..., lfr=True); the no-LFR figure scores the same output before the replacement."""
+    up = Upsampler.from_checkpoint(checkpoint, device="cpu", precision="fp32", window_seconds=0.5,
+                                   overlap_seconds=0.2)
+    hr, lr = degraded(1.5, 6000.0, seed=4)
+    score = score_clip(up, hr, lr, 6000.0, steps=2, seed=3)
+    shipped = up.upsample(lr, SR, cutoff=6000.0, lfr=True, steps=2, seed=3).audio  # [1, L]
+    raw = up.upsample(lr, SR, cutoff=6000.0, lfr=False, steps=2, seed=3).audio  # [1, L]
+    assert score.output.shape == hr.shape
+    assert torch.allclose(score.output, shipped, rtol=0, atol=1e-6)
+    assert torch.equal(score.raw, raw)
+    direct = evaluate_pair(shipped, hr, lr, 6000.0, SR, seed=3)
+    for key, value in direct.items():
+        assert score.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert score.metrics["lsd_lf_no_lfr"] == pytest.approx(lsd_split(raw, hr, 6000.0, SR)["lsd_lf"])
+    # a random tiny network does not keep the band it was given; the replacement does
+    assert score.metrics["lsd_lf_no_lfr"] > score.metrics["lsd_lf_model"] + 0.2
+    assert score.metrics["lsd_lf_model"] == pytest.approx(score.metrics["lsd_lf_sinc"], abs=0.35)
+    assert torch.equal(score.fill, noise_fill(lr, 6000.0, SR, seed=3))
+    assert score.octaves["model"].mean_abs == pytest.approx(score.metrics["octave_err_model"])
+    assert set(score.metrics) == set(METRICS)
+    assert score.metrics["rtf"] > 0
+
+
+def test_validator_reports_score_clip_figures(checkpoint):
+    up = Upsampler.from_checkpoint(checkpoint, device="cpu", precision="fp32")
+    clips = [make_clip(f"c{i}", degraded(1.0, 8000.0, seed=i)[0], 8000.0) for i in range(2)]
+    calls = []
+    writer = SimpleNamespace(add_audio=lambda tag, *a, **k: calls.append(tag),
+                             add_image=lambda tag, *a, **k: calls.append(tag))
+    trainer = SimpleNamespace(norm=up.norm, codec=up.codec, flow=up.flow, cfg=up.cfg, writer=writer, step=7,
+                              acc=SimpleNamespace(device=torch.device("cpu")))
+    validator = Validator(clips, steps=2, seed=5)
+    got = validator(trainer, up.model)
+    same = Upsampler(up.model, up.norm, up.codec, up.flow, "cpu", up.cfg)  # what the validator builds
+    scores = [score_clip(same, c.hr, c.lr, c.cutoff, steps=2, seed=5 + i) for i, c in enumerate(clips)]
+    for key in scores[0].metrics:
+        if key == "rtf":
+            continue
+        want = float(np.mean([s.metrics[key] for s in scores]))
+        assert got[key.removesuffix("_model")] == pytest.approx(want, rel=1e-6), key
+    assert got["lsd"] == pytest.approx(np.mean([s.metrics["lsd_model"] for s in scores]), rel=1e-6)
+    assert got["lsd_baseline"] == got["lsd_sinc"]
+    for key in ("lsd", "lsd_hf", "lsd_lf", "lsd_lf_no_lfr", "octave_err", "si_sdr", "lsd_hf_fill",
+                "octave_err_fill", "lsd_hf_sinc"):
+        assert isinstance(got[key], float), key
+    assert torch.equal(validator.last_outputs[0], scores[0].output)
+    assert "val_audio/c0/noise_fill" in calls and "val_spec/c1/output" in calls
+
+
+# --- evaluate() with an oracle ---------------------------------------------------------------------------
+
+
 @dataclass
 class _Result:
     audio: torch.Tensor
-    rtf: dict
+    input: torch.Tensor
 
 
 class Oracle:
-    """Returns the true HR signal: the model figures must be perfect, the baseline's not."""
+    """Returns the true HR signal (asked without LFR, as score_clip must)."""
 
     def __init__(self, hr):
         self.hr = hr
 
     def upsample(self, lr, sr, **kw):
-        return _Result(self.hr, {"total": 0.0})
+        assert kw["lfr"] is False and sr == SR
+        return _Result(self.hr.clone(), lr)
 
 
-def test_oracle_scores_zero_and_baseline_does_not(tmp_path):
+def test_oracle_scores_near_zero_and_baselines_do_not(tmp_path):
     hr = torch.from_numpy(demo_clip(1.0, 44100, seed=5))[None]
-    path = tmp_path / "x.wav"
-    sf.write(path, hr[0].numpy(), 44100, subtype="FLOAT")
-    result = evaluate(Oracle(hr), [path], [4000, 8000])
-    assert len(result["rows"]) == 2
+    for name in ("x", "y"):
+        sf.write(tmp_path / f"{name}.wav", hr[0].numpy(), 44100, subtype="FLOAT")
+    files = [tmp_path / "x.wav", tmp_path / "y.wav"]
+    result = evaluate(Oracle(hr), files, [4000, 8000], categories=["speech", "music"])
+    assert len(result["rows"]) == 4
     for row in result["rows"]:
-        assert row["lsd_model"] == pytest.approx(0.0, abs=1e-6)
-        assert row["lsd_hf_model"] == pytest.approx(0.0, abs=1e-6)
-        assert row["lsd_hf_baseline"] > 1.0 and row["si_sdr_model"] > 60
-    # a lower cutoff removes more: the baseline gets worse
+        assert row["lsd_lf_no_lfr"] == pytest.approx(0.0, abs=1e-6)  # the oracle itself is perfect
+        assert row["lsd_hf_model"] < 0.05 and row["octave_err_model"] < 0.05  # LFR leaves the top alone
+        # below the cutoff LFR takes the input's band, crossfaded into the oracle's from 0.9 cutoff up
+        assert 1e-3 < row["lsd_lf_model"] < row["lsd_lf_sinc"]
+        assert row["lsd_hf_sinc"] > 1.0 and row["octave_err_sinc"] > 20
+        assert row["lsd_hf_fill"] < row["lsd_hf_sinc"] and row["octave_err_fill"] < row["octave_err_sinc"]
+        bands = 3 if row["cutoff"] == 4000 else 2  # [4k, 8k), [8k, 16k), [16k, 22.05k] / from 8k
+        assert len(row["octaves"]["bands"]) == len(row["octaves"]["fill"]) == bands
     by_cut = {r["cutoff"]: r for r in result["rows"]}
-    assert by_cut[4000.0]["lsd_baseline"] > by_cut[8000.0]["lsd_baseline"]
+    assert by_cut[4000.0]["lsd_sinc"] > by_cut[8000.0]["lsd_sinc"]  # a lower cutoff removes more
     agg = result["aggregate"]
-    assert agg["all"]["n"] == 2
-    assert agg["all"]["lsd_baseline"] == pytest.approx(np.mean([r["lsd_baseline"] for r in result["rows"]]))
+    assert set(agg) == {"all", "4000", "8000", "speech", "music", "speech@4000", "speech@8000",
+                        "music@4000", "music@8000"}
+    assert agg["all"]["n"] == 4 and agg["speech"]["n"] == 2 and agg["music@8000"]["n"] == 1
+    assert agg["all"]["lsd_sinc"] == pytest.approx(np.mean([r["lsd_sinc"] for r in result["rows"]]))
+    assert agg["speech@4000"]["lsd_hf_fill"] == by_cut[4000.0]["lsd_hf_fill"]
     assert result["protocol"]["filter"] == "butter" and result["protocol"]["cutoffs"] == [4000.0, 8000.0]
+    table = markdown_table(result).splitlines()
+    assert table[0] == "| group | n | metric | model | sinc | noise fill |"
+    assert len(table) == 2 + 5 * len(agg)
+    lf = next(line for line in table if line.startswith("| speech@8000 | 1 | LSD-LF (no LFR) |"))
+    assert float(lf.split("|")[4]) == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(ValueError, match="categories"):
+        evaluate(Oracle(hr), files, [8000], categories=["speech"])
 
 
-def test_script_writes_json_and_table_and_lists_bad_files(tmp_path, data):
-    ckpt = make_checkpoint(tmp_path / "ckpt")
+def test_data_sets_names_and_plain_paths(data, tmp_path):
+    files, cats = evaluate_script.data_sets([str(data)])
+    assert cats is None and [f.name for f in files] == ["a.wav", "b.flac", "broken.wav"]
+    files, cats = evaluate_script.data_sets([f"speech={data / 'a.wav'}", f"music={data}"])
+    assert cats == ["speech", "music", "music", "music"] and len(files) == 4
+    odd = tmp_path / "x=y.wav"
+    sf.write(odd, demo_clip(0.2, 44100, seed=0), 44100)
+    assert evaluate_script.data_sets([str(odd)]) == ([odd], None)  # an existing path is a path
+    with pytest.raises(ValueError, match="all"):
+        evaluate_script.data_sets([f"all={data}"])
+
+
+def test_script_writes_json_and_table_and_lists_bad_files(tmp_path, data, checkpoint):
     out = tmp_path / "eval.json"
-    args = ["scripts/evaluate.py", "--checkpoint", str(ckpt), "--data", str(data), "--cutoffs", "4000",
-            "8000",
-            "--steps", "2", "--json", str(out), "--device", "cpu"]
+    args = ["scripts/evaluate.py", "--checkpoint", str(checkpoint), "--data", str(data), "--cutoffs", "4000",
+            "8000", "--steps", "2", "--json", str(out), "--device", "cpu"]
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -77,9 +181,10 @@ def test_script_writes_json_and_table_and_lists_bad_files(tmp_path, data):
     assert list(result["skipped"]) == [str(data / "broken.wav")]
     assert "broken.wav" in proc.stderr
     for row in result["rows"]:
-        # low-frequency replacement keeps the input below the cutoff: LF matches the baseline's
-        assert row["lsd_lf_model"] == pytest.approx(row["lsd_lf_baseline"], abs=0.35)
-        assert np.isfinite([row[k] for k in row if k.startswith(("lsd", "si_sdr"))]).all()
+        # low-frequency replacement keeps the input below the cutoff: LF matches the sinc input's
+        assert row["lsd_lf_model"] == pytest.approx(row["lsd_lf_sinc"], abs=0.35)
+        assert np.isfinite([row[k] for k in METRICS]).all()
     table = out.with_suffix(".md").read_text()
     assert table == markdown_table(result) + "\n"
+    assert table in proc.stdout
     assert {line.split("|")[1].strip() for line in table.splitlines()[2:]} == {"all", "4000", "8000"}
