@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -82,17 +81,29 @@ def audio_info(path: str | Path) -> tuple[int, int, int]:
     try:
         info = sf.info(str(path))
     except Exception as exc:  # libsndfile raises several types for malformed files
-        raise AudioError(f"{path}: not a readable audio file ({exc})") from None
+        raise _unreadable(path, exc) from None
     return int(info.samplerate), int(info.channels), int(info.frames)
 
 
 def _existing_file(path: str | Path) -> Path:
+    """`path` if it is a file this process can open, else an AudioError naming it and the cause."""
     path = Path(path)
     if not path.exists():
         raise AudioError(f"{path}: audio file not found")
     if not path.is_file():
         raise AudioError(f"{path}: not a file")
+    try:  # opened here first: libsndfile reports a file it may not open only as "System error."
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise AudioError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return path
+
+
+def _unreadable(path: Path, exc: Exception) -> AudioError:
+    """The error for a file that opens but that soundfile cannot decode, with libsndfile's reason."""
+    reason = getattr(exc, "error_string", None) or f"{type(exc).__name__}: {exc}"  # without the path again
+    return AudioError(f"{path}: not a readable audio file (soundfile: {reason})")
 
 
 def read_samples(path: str | Path, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, int]:
@@ -101,7 +112,7 @@ def read_samples(path: str | Path, start: int = 0, stop: int | None = None) -> t
     try:
         data, sr = sf.read(str(path), start=start, stop=stop, dtype="float32", always_2d=True)  # [L, C]
     except Exception as exc:  # LibsndfileError, RuntimeError, ValueError, ... for malformed input
-        raise AudioError(f"{path}: not a readable audio file ({type(exc).__name__}: {exc})") from None
+        raise _unreadable(path, exc) from None
     if sr <= 0:
         raise AudioError(f"{path}: invalid sample rate {sr}")
     if data.shape[0] == 0 or data.shape[1] == 0:
@@ -116,12 +127,14 @@ def save_audio(
     path: str | Path, audio: torch.Tensor | np.ndarray, sr: int, format: str | None = None,
     subtype: str | None = None, overwrite: bool = True,
 ) -> Path:
-    """Write `audio` [C, L] (or [L]) atomically: a temporary file beside `path`, then `place_file`.
+    """Write `audio` [C, L] (or [L]) atomically: a temporary file beside `path` (`temp_path`), then
+    `place_file`.
 
     On failure the previous file at `path` (if any) is untouched, the temporary file is removed
     and an AudioError naming `path` is raised; without `overwrite` an existing `path` is an error
     too, even one that appears while writing. `format`/`subtype` are soundfile's (default: from
-    the extension; PCM_16 for wav/flac). Missing parent folders are created.
+    the extension; PCM_16 for wav/flac). Missing parent folders are created. A writer killed
+    mid-write leaves its temporary file, which `remove_stale_temps` recognises by its dead pid.
     """
     path = Path(path)
     data = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
@@ -135,22 +148,67 @@ def save_audio(
     if peak > 1.0:
         log.warning("%s: peak %.3f exceeds 1.0; integer formats will clip", path, peak)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the real extension last so soundfile infers the same format for the temporary file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
-        sf.write(tmp, data.T, int(sr), format=format, subtype=subtype)  # [L, C]
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a new file's usual permissions, not mkstemp's 0600
-        place_file(Path(tmp), path, overwrite)
+        # A file of our pid is a dead process's leftover (the pid was reused, by us): replace it. Then
+        # create it exclusively, with a new file's usual permissions, for soundfile to write into.
+        tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        sf.write(str(tmp), data.T, int(sr), format=format, subtype=subtype)  # [L, C]
+        place_file(tmp, path, overwrite)
     except AudioError:
         raise
     except Exception as exc:
         raise AudioError(f"{path}: could not write audio ({type(exc).__name__}: {exc})") from exc
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def temp_path(path: str | Path) -> Path:
+    """The temporary file that this process writes `path` through: hidden, beside it, named with the
+    writer's pid (`.name.<pid>.tmp.ext`, the real extension last so that soundfile and image writers
+    infer the same format), so a leftover can be told from a file being written."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary files of `path` (`temp_path`) left by writers that were killed, and
+    return them. A file is stale when no process has its pid; one of a live process (this one
+    included) is never touched. Only pids of this machine (and pid namespace) can be checked: a
+    writer elsewhere on a shared folder would look dead."""
+    path = Path(path)
+    head, tail = f".{path.stem}.", f".tmp{path.suffix}"
+    removed = []
+    try:
+        names = [p.name for p in path.parent.iterdir()]
+    except OSError:  # a missing or unreadable folder holds no leftovers that we could remove
+        return removed
+    for name in names:
+        pid = name[len(head) : -len(tail)] if name.startswith(head) and name.endswith(tail) else ""
+        if pid.isdigit() and _dead(int(pid)):
+            try:
+                (path.parent / name).unlink()
+            except OSError as exc:
+                log.warning("%s: cannot remove this killed writer's leftover (%s)", path.parent / name, exc)
+                continue
+            removed.append(path.parent / name)
+    return removed
+
+
+def _dead(pid: int) -> bool:
+    """Whether no process has this pid (signal 0 only asks). Unsure means alive: a process of another
+    user answers PermissionError, a number that is no pid at all OverflowError."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return False
 
 
 def place_file(tmp: Path, path: Path, overwrite: bool) -> None:

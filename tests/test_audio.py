@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from hypothesis import strategies as st
 from jat.audio import AudioError, audio_info, list_audio_files, load_audio, resample, save_audio
 
 SR = 44100
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def stereo(seconds: float = 0.25, sr: int = SR) -> np.ndarray:
@@ -110,6 +115,75 @@ def test_load_errors_name_the_file_and_reason(tmp_path, make, reason):
     with pytest.raises(AudioError) as info:
         load_audio(path)
     assert str(path) in str(info.value) and reason in str(info.value)
+
+
+READ = """
+import sys
+from jat.audio import AudioError, audio_info, load_audio
+for read in (audio_info, load_audio):
+    try:
+        read(sys.argv[1])
+    except AudioError as exc:
+        print(exc)
+"""
+
+
+def test_unreadable_file_names_the_cause(tmp_path):
+    path = _write_raw(tmp_path / "x.wav", stereo().T)
+    path.chmod(0o000)
+    prefix = []  # as root, file permissions bind only without the capabilities that override them
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("as root, a chmod'ed file stays readable unless setpriv drops CAP_DAC_OVERRIDE")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    proc = subprocess.run([*prefix, sys.executable, "-c", READ, str(path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{path}: cannot read (Permission denied)"] * 2
+    path.chmod(0o644)
+    path.write_bytes(b"not audio" * 50)  # readable, but no format soundfile knows
+    for read in (audio_info, load_audio):
+        with pytest.raises(AudioError) as info:
+            read(path)
+        assert str(info.value) == f"{path}: not a readable audio file (soundfile: Format not recognised.)"
+
+
+def test_temporary_file_carries_the_writers_pid(tmp_path, monkeypatch):
+    names, write = [], soundfile.write
+
+    def spy(file, *args, **kwargs):
+        names.append(Path(file).name)
+        return write(file, *args, **kwargs)
+
+    monkeypatch.setattr(soundfile, "write", spy)
+    save_audio(tmp_path / "out.wav", stereo(), SR)
+    assert names == [f".out.{os.getpid()}.tmp.wav"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.wav").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.wav"]
+
+
+def test_remove_stale_temps_only_removes_dead_writers_files(tmp_path):
+    from jat.audio import remove_stale_temps
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {f".out.{dead.pid}.tmp.wav": False, f".out.{os.getpid()}.tmp.wav": True,
+                 f".out.{alive.pid}.tmp.wav": True,  # a live writer's file is never touched
+                 f".out.{dead.pid}.tmp.flac": True, f".other.{dead.pid}.tmp.wav": True,  # other outputs'
+                 f".out.x.{dead.pid}.tmp.wav": True,  # (out.flac, other.wav, out.x.wav)
+                 ".out.abc.tmp.wav": True}  # no pid in it (an older version's random name)
+        for name in names:
+            (tmp_path / name).write_bytes(b"partial")
+        assert remove_stale_temps(tmp_path / "out.wav") == [tmp_path / f".out.{dead.pid}.tmp.wav"]
+        assert {p.name for p in tmp_path.iterdir()} == {name for name, kept in names.items() if kept}
+    finally:
+        alive.kill()
+        alive.wait()
+    assert remove_stale_temps(tmp_path / "missing" / "out.wav") == []
 
 
 def test_allow_silent(tmp_path):
