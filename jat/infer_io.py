@@ -3,7 +3,9 @@ overwrite, writing, and one clear error line per bad file while the other files 
 
 Safety rules: an input is never written to; an existing output is replaced only with `overwrite`;
 every output is written to a temporary file beside it and moved into place whole, and without
-`overwrite` the move is a hard link that fails if the name appeared meanwhile.
+`overwrite` the move is a hard link that fails if the name appeared meanwhile. Planning checks,
+before any work, that every output folder can take new files, and removes the temporary files that
+killed runs left there.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +22,16 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from jat.audio import AUDIO_EXTENSIONS, AudioError, audio_info, load_audio, place_file, save_audio
+from jat.audio import (
+    AUDIO_EXTENSIONS,
+    AudioError,
+    audio_info,
+    load_audio,
+    place_file,
+    remove_stale_temps,
+    save_audio,
+    temp_path,
+)
 from jat.inference import SR, Progress, Upsampler, UpsampleResult, check_signal
 
 log = logging.getLogger(__name__)
@@ -28,6 +40,7 @@ SUFFIX = "_jat"  # output name: <input stem>_jat.<format>
 EXTENSIONS = frozenset(AUDIO_EXTENSIONS) | {".au", ".caf", ".w64", ".rf64", ".aifc", ".snd", ".voc", ".sd2"}
 FORMATS = ("wav", "flac")
 PLOT_SECONDS = 30.0  # the spectrogram shows at most this much of the start
+NOT_A_FOLDER = "is a file, not a folder"
 
 
 @dataclass
@@ -97,19 +110,59 @@ def output_path(path: Path, root: Path | None, output_dir: str | Path | None, fm
     return Path(output_dir) / sub / name
 
 
+def folder_problem(folder: str | Path) -> str | None:
+    """Why new files cannot be made in `folder` (created, with its parents, if missing), or None.
+
+    Writability is probed by creating and removing a file there: os.access only reads permission
+    bits, which root bypasses, and knows nothing of read-only mounts or immutable folders.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return NOT_A_FOLDER
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create this folder ({exc.strerror or exc})"
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".jat-write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot write here ({exc.strerror or exc})"
+    return None
+
+
 def plan(inputs: list[tuple[Path, Path | None]], output_dir: str | Path | None = None, fmt: str = "wav",
          overwrite: bool = False, plot: bool = False) -> tuple[list[Task], list[str]]:
-    """Tasks for the inputs, and an error line for every input whose outputs cannot be written safely."""
+    """Tasks for the inputs, and an error line for every input whose outputs cannot be written safely.
+
+    Every output folder is checked (`folder_problem`) and cleared of killed runs' temporary files
+    (`audio.remove_stale_temps`) here, before any work. An unusable `output_dir` is an AudioError:
+    no file could be written.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown output format '{fmt}' ({', '.join(FORMATS)})")
+    folders: dict[Path, str | None] = {}  # output folder -> its problem, checked once
+    if output_dir is not None:
+        why = folders[Path(output_dir)] = folder_problem(output_dir)
+        if why:
+            raise AudioError(f"{Path(output_dir)}/: {'--output-dir ' if why == NOT_A_FOLDER else ''}{why}")
     protected = {p.resolve() for p, _ in inputs}
     claimed: dict[Path, Path] = {}
     tasks, errors = [], []
     for path, root in inputs:
         out = output_path(path, root, output_dir, fmt)
         task = Task(path, out, out.with_suffix(".png") if plot else None)
+        if out.parent not in folders:
+            folders[out.parent] = folder_problem(out.parent)
+        if folders[out.parent]:
+            hint = "" if output_dir is not None else "; pass --output-dir to write elsewhere"
+            errors.append(f"{path}: output folder {out.parent}/: {folders[out.parent]}{hint}")
+            continue
         problem = None
         for target in filter(None, (task.output, task.plot)):
+            for leftover in remove_stale_temps(target):
+                log.info("%s: removed a killed run's temporary file", leftover)
             r = target.resolve()
             if r in protected:
                 problem = f"{path}: output {target} is an input file; refusing to overwrite it"
@@ -165,7 +218,7 @@ def write_plot(path: Path, result: UpsampleResult, overwrite: bool = False,
 
     n = round(seconds * SR)
     fig = spectrogram_figure({"input": result.input[:, :n], "output": result.audio[:, :n]}, SR)
-    tmp = path.parent / f".{path.stem}.{os.getpid()}.partial.png"
+    tmp = temp_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(tmp, format="png", dpi=100)
     try:
@@ -179,7 +232,8 @@ def upsample_files(up: Upsampler, tasks: list[Task], *, fmt: str = "wav", overwr
                    progress: Progress | None = None, **kwargs) -> Iterator[Outcome]:
     """Run the tasks (windows of several files batched together), yielding one Outcome per task.
 
-    A file that cannot be read or written gives an Outcome with its error and the others go on.
+    A file that cannot be read or written, or whose result is not finite (`UpsampleResult.error`),
+    gives an Outcome with its error and the others go on.
     kwargs go to `Upsampler.upsample_many` (cutoff, lfr, steps, solver, cfg_scale, seed). Reading
     and writing time count as 'other' in the result's timings.
     """
@@ -202,6 +256,9 @@ def upsample_files(up: Upsampler, tasks: list[Task], *, fmt: str = "wav", overwr
     for task, result in up.upsample_many(source(), progress=progress, **kwargs):
         yield from _drain(failed)
         subtype, read_s = meta.pop(id(task))
+        if result.error is not None:  # the input was checked on reading: the cause is the model's
+            yield Outcome(task, error=f"{task.input}: {result.error}")
+            continue
         tic = time.perf_counter()
         out_subtype = output_subtype(fmt, subtype)
         try:

@@ -439,9 +439,10 @@ class Upsampler:
     def nonfinite_cause(self) -> str:
         """Why an output came out non-finite. The input (checked by `check_signal`) and the guidance
         scale (checked by `upsample_many`) are finite, so it is the network's numbers: its weights, or
-        their precision."""
+        their precision when that is bf16."""
         where = f"checkpoint {self.checkpoint}; " if self.checkpoint is not None else ""
-        return f"the network produced non-finite values ({where}try --precision fp32 or another checkpoint)"
+        fix = "--precision fp32 or " if self.dtype == torch.bfloat16 else ""
+        return f"the network produced non-finite values ({where}try {fix}another checkpoint)"
 
 
 def check_signal(audio: torch.Tensor, sr: int, name: object = None) -> None:

@@ -8,13 +8,17 @@
 INPUT: files (wav, flac, ogg, anything soundfile reads; any rate, any channel count), folders
 (searched recursively) or globs ("music/**/*.flac"). Each input name.ext gives name_jat.wav beside it,
 or in --output-dir. Existing outputs are kept unless --overwrite; inputs are never written.
-Exit status: 0 when every file was written, 1 when any failed, 2 for a bad checkpoint or arguments.
+Exit status: 0 when every file was written, 1 when any failed, 2 for a bad checkpoint or arguments
+(an unusable --output-dir included: it is checked before the checkpoint is loaded). Legal but odd
+settings (very many steps, a guidance scale outside 1-10, a cutoff outside the training range) print
+a warning and go on.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +30,9 @@ from jat.checkpoint import CheckpointError, latest_checkpoint
 from jat.config import ConfigError
 from jat.infer_io import FORMATS, expand_inputs, plan, upsample_files
 from jat.inference import Upsampler
+
+MAX_USEFUL_STEPS = 256  # more sampler steps than this rarely change the result
+CFG_USUAL = (1.0, 10.0)  # guidance scales outside this range are rarely what was meant
 
 
 def parse_cutoff(text: str) -> float | str:
@@ -43,13 +50,43 @@ def parse_cutoff(text: str) -> float | str:
     return hz
 
 
-def positive(kind):
+def number(kind, positive: bool = False):
+    """An argparse type: a finite `kind` (nan and inf are no settings), > 0 if `positive`."""
     def f(text: str):
         value = kind(text)
-        if value <= 0:
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if positive and value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
     return f
+
+
+def positive(kind):
+    return number(kind, positive=True)
+
+
+def setting_warnings(args: argparse.Namespace, up: Upsampler) -> list[str]:
+    """Warnings for legal settings that are probably mistakes, judged against the checkpoint's config."""
+    cfg = up.cfg
+    lines = []
+    if args.steps is not None and args.steps > MAX_USEFUL_STEPS:
+        lines.append(f"--steps {args.steps}: more than {MAX_USEFUL_STEPS} steps rarely helps and takes "
+                     f"{args.steps / cfg.flow.steps:.0f} x longer than the default {cfg.flow.steps}")
+    lo, hi = CFG_USUAL
+    if args.cfg is not None and not lo <= args.cfg <= hi:
+        effect = ("below 1 weakens the input's hold on the result (0 ignores the input, a negative scale "
+                  "pushes away from it)" if args.cfg < lo else
+                  f"above {hi:g} exaggerates the guidance and tends to distort")
+        lines.append(f"--cfg {args.cfg:g}: a guidance scale {effect}; the usual range is {lo:g}-{hi:g}")
+    if args.cutoff != "auto":
+        given = f"--cutoff {args.cutoff:g} Hz"
+        trained = f"the {cfg.data.cutoff_min:g}-{cfg.data.cutoff_max:g} Hz range the model was trained on"
+        if args.cutoff < cfg.data.cutoff_min:
+            lines.append(f"{given} is below {trained}; everything above it is regenerated")
+        elif args.cutoff > cfg.data.cutoff_max:
+            lines.append(f"{given} is above {trained}; it never learned to fill so narrow a band")
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-dir", default=None, help="write here instead of beside each input")
     ap.add_argument("--steps", type=positive(int), default=None, help="sampler steps (default: the config's)")
     ap.add_argument("--solver", choices=("euler", "heun"), default=None, help="default: the config's")
-    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--cfg", type=number(float), default=None, help="classifier-free guidance scale "
+                    "(1 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cutoff", type=parse_cutoff, default="auto", help="input band limit in Hz, or auto")
     ap.add_argument("--no-lfr", action="store_true", help="do not keep the input's spectrum below the cutoff")
@@ -90,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --seed must be >= 0", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    inputs, errors = expand_inputs(args.inputs)
+    try:  # the outputs first: a folder that cannot take them should not cost a checkpoint load
+        tasks, plan_errors = plan(inputs, args.output_dir, args.format, args.overwrite, args.plot)
+    except AudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     ckpt = Path(args.checkpoint)
     if ckpt.is_dir() and not (ckpt / "weights.safetensors").exists() and latest_checkpoint(ckpt):
         ckpt = latest_checkpoint(ckpt)
@@ -101,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
-    inputs, errors = expand_inputs(args.inputs)
-    tasks, plan_errors = plan(inputs, args.output_dir, args.format, args.overwrite, args.plot)
+    for line in setting_warnings(args, up):
+        print(f"warning: {line}", file=sys.stderr)
     errors += plan_errors
     for line in errors:
         print(f"error: {line}", file=sys.stderr)

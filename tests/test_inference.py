@@ -3,6 +3,8 @@
 import importlib.util
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from jat.codecs import LatentNorm, MDCTCodec
 from jat.config import Config
 from jat.degrade import Degradation, apply_degradation
 from jat.flow import FlowMatching
-from jat.infer_io import write_output
+from jat.infer_io import plan, write_output
 from jat.inference import Upsampler, frame_noise, window_ranges, window_weights
 from jat.model import JaT
 from jat.synth import demo_clip, harmonic_tone
@@ -74,6 +76,25 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     rc = infer.main([str(a) for a in args])
     out = capsys.readouterr()
     return rc, out.out, out.err
+
+
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def without_root_powers() -> list[str]:
+    """A command prefix under which file permissions bind: as root, setpriv drops the capabilities that
+    let root read and write past them (a chmod'ed file or folder stops nobody else); skip without it."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("as root, file permissions bind only without CAP_DAC_OVERRIDE; setpriv is missing")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+
+def run_python(*args, prefix=(), **kwargs) -> subprocess.CompletedProcess:
+    """Run `python *args` in the repository, as a user would, after `prefix`."""
+    cmd = [*prefix, sys.executable, *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=CHILD_ENV, **kwargs)
 
 
 # --- pure pieces -------------------------------------------------------------------------------------
@@ -483,3 +504,156 @@ def test_upsampler_tunes_the_cpu_runtime_after_casting_its_model(monkeypatch):
                         lambda: seen.append(model.patch_embed.proj1.weight.dtype) or {})
     plain(model, 2.0, precision="bf16")
     assert seen == [torch.bfloat16]  # once, with the weights already in their final dtype
+
+
+# --- failures named before the work, and their causes -------------------------------------------------
+
+
+def test_unusable_output_dir_is_refused_before_the_checkpoint_is_loaded(tmp_path, capsys):
+    sf.write(tmp_path / "a.wav", clip(0.3, 16000)[0].numpy(), 16000)
+    (tmp_path / "out").write_text("a file where the folder should be")
+    # a missing checkpoint would be reported first if it were loaded first
+    rc, out, err = run_cli(capsys, tmp_path / "a.wav", "--checkpoint", tmp_path / "nowhere",
+                           "--output-dir", tmp_path / "out")
+    assert rc == 2 and err == f"error: {tmp_path / 'out'}/: --output-dir is a file, not a folder\n"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    proc = run_python("scripts/infer.py", tmp_path / "a.wav", "--checkpoint", tmp_path / "nowhere",
+                      "--output-dir", locked, prefix=without_root_powers())
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"error: {locked}/: cannot write here (Permission denied)\n"
+    assert list(locked.iterdir()) == []  # the probe left nothing behind
+
+
+PLAN_ERRORS = "import sys; from pathlib import Path; from jat.infer_io import plan; " \
+              "print(plan([(Path(a), None) for a in sys.argv[1:]])[1])"
+
+
+def test_output_folders_are_checked_and_created_in_planning(tmp_path):
+    ok, sub = tmp_path / "ok", tmp_path / "ro" / "sub"
+    for folder in (ok, sub):
+        folder.mkdir(parents=True)
+        sf.write(folder / "x.wav", np.zeros(800, np.float32), 16000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_text("a file where a sub-folder of --output-dir should be")
+    # below --output-dir: a missing sub-folder is created, one that is a file is named
+    tasks, errors = plan([(ok / "x.wav", tmp_path), (sub / "x.wav", sub.parent)], out)
+    assert [t.output for t in tasks] == [out / "ok" / "x_jat.wav"] and (out / "ok").is_dir()
+    assert errors == [f"{sub / 'x.wav'}: output folder {out / 'sub'}/: is a file, not a folder"]
+    # beside the input: its folder must take new files (probed for real, with file permissions binding)
+    sub.chmod(0o555)
+    proc = run_python("-c", PLAN_ERRORS, ok / "x.wav", sub / "x.wav", prefix=without_root_powers())
+    assert proc.returncode == 0, proc.stderr
+    expect = f"{sub / 'x.wav'}: output folder {sub}/: cannot write here (Permission denied)"
+    assert proc.stdout.strip() == repr([expect + "; pass --output-dir to write elsewhere"])
+
+
+def test_non_finite_output_names_the_network_not_the_file(tmp_path, capsys, checkpoint, monkeypatch):
+    from jat.inference import UpsampleError
+
+    load = Upsampler.from_checkpoint
+
+    def broken(*args, **kwargs):  # weights that load but compute NaN, as a diverged checkpoint does
+        up = load(*args, **kwargs)
+        up.model.forward = lambda x_t, *a, **k: x_t * float("nan")
+        return up
+
+    monkeypatch.setattr(infer.Upsampler, "from_checkpoint", broken)
+    sf.write(tmp_path / "a.wav", clip(0.3, 16000)[0].numpy(), 16000)
+    rc, out, err = run_cli(capsys, tmp_path / "a.wav", "--checkpoint", checkpoint, "--steps", "1",
+                           "--precision", "bf16")
+    assert rc == 1 and "done: 0 written, 1 failed" in out
+    assert err == (f"error: {tmp_path / 'a.wav'}: the network produced non-finite values (checkpoint "
+                   f"{checkpoint}; try --precision fp32 or another checkpoint)\n")
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.wav"]  # no output, no temporary file
+    fp32 = broken(checkpoint, device="cpu", precision="fp32")
+    with pytest.raises(UpsampleError, match=r"non-finite values \(checkpoint .*; try another checkpoint\)$"):
+        fp32.upsample(clip(0.3, 16000), 16000, steps=1)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_guidance_scale_is_refused(capsys, checkpoint, value):
+    with pytest.raises(SystemExit) as info:
+        infer.build_parser().parse_args(["a.wav", "--checkpoint", "x", f"--cfg={value}"])
+    assert info.value.code == 2
+    assert f"argument --cfg: must be a finite number, got {value}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"guidance scale .*must be a finite number, got {value}"):
+        upsampler(checkpoint).upsample(clip(0.3, 16000), 16000, steps=1, cfg_scale=float(value))
+
+
+def test_odd_settings_warn_once_before_the_work_and_go_on(tmp_path, capsys, checkpoint, monkeypatch):
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, clip(0.06, 16000)[0].numpy(), 16000)
+    cfg_steps = Upsampler.from_checkpoint(checkpoint, device="cpu").cfg.flow.steps  # the default, 32
+    seen = []  # stderr when the work starts
+    work = infer.upsample_files
+
+    def spy(*args, **kwargs):
+        seen.append(capsys.readouterr().err)
+        return work(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "upsample_files", spy)
+    args = [tmp_path / "a.wav", tmp_path / "b.wav", "--checkpoint", checkpoint, "--solver", "euler"]
+    rc, out, err = run_cli(capsys, *args, "--steps", "257", "--cfg", "-5", "--cutoff", "10")
+    assert rc == 0 and "done: 2 written, 0 failed" in out and err == ""  # warned, then carried on
+    warned = seen[0].splitlines()
+    assert warned == [
+        f"warning: --steps 257: more than 256 steps rarely helps and takes {257 / cfg_steps:.0f} x longer "
+        f"than the default {cfg_steps}",
+        "warning: --cfg -5: a guidance scale below 1 weakens the input's hold on the result (0 ignores the "
+        "input, a negative scale pushes away from it); the usual range is 1-10",
+        "warning: --cutoff 10 Hz is below the 2000-16000 Hz range the model was trained on; everything above "
+        "it is regenerated",
+    ]
+    # the user's own flags (no work: both outputs exist now), and the other ends of the ranges
+    rc, _, err = run_cli(capsys, *args, "--steps", "100000", "--cfg", "50", "--cutoff", "20k")
+    err = seen[-1] + err
+    assert rc == 1 and err.count("warning: ") == 3
+    assert "--steps 100000: more than 256 steps rarely helps and takes 3125 x longer" in err
+    assert "--cfg 50: a guidance scale above 10 exaggerates the guidance" in err
+    assert "--cutoff 20000 Hz is above the 2000-16000 Hz range the model was trained on" in err
+    rc, _, err = run_cli(capsys, *args, "--steps", "256", "--cfg", "1", "--cutoff", "8k")
+    assert len(seen) == 3 and "warning" not in seen[-1] + err
+
+
+def test_killed_writers_leftovers_are_removed_in_planning(tmp_path, capsys, checkpoint):
+    sf.write(tmp_path / "song.wav", clip(0.3, 16000)[0].numpy(), 16000)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, mine = tmp_path / f".song_jat.{dead.pid}.tmp.wav", tmp_path / f".song_jat.{os.getpid()}.tmp.wav"
+    for leftover in (stale, mine, tmp_path / f".song_jat.{dead.pid}.tmp.png"):
+        leftover.write_bytes(b"partial")
+    tasks, errors = plan([(tmp_path / "song.wav", None)])
+    assert len(tasks) == 1 and not errors
+    assert not stale.exists() and mine.exists()  # a dead writer's file goes, a live one's never
+    assert (tmp_path / f".song_jat.{dead.pid}.tmp.png").exists()  # not an output of this plan (no --plot)
+    mine.unlink()
+    # a writer killed mid-write (SIGKILL: no clean-up can run) leaves its file; the next run removes it
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_WRITER, tmp_path / "song_jat.wav"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
+    assert proc.stdout.readline() == "writing\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    leftover = tmp_path / f".song_jat.{proc.pid}.tmp.wav"
+    assert leftover.read_bytes() == b"RIFF half a header" and not (tmp_path / "song_jat.wav").exists()
+    rc, out, err = run_cli(capsys, tmp_path / "song.wav", "--checkpoint", checkpoint, "--steps", "1")
+    assert rc == 0, err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f".song_jat.{dead.pid}.tmp.png", "song.wav", "song_jat.wav"]
+
+
+STUCK_WRITER = """
+import sys, time, numpy, soundfile
+from pathlib import Path
+from jat.audio import save_audio
+
+def stuck(file, *args, **kwargs):  # half a file written, then the process hangs until it is killed
+    Path(file).write_bytes(b"RIFF half a header")
+    print("writing", flush=True)
+    time.sleep(120)
+
+soundfile.write = stuck
+save_audio(sys.argv[1], numpy.zeros(100, numpy.float32), 44100)
+"""
