@@ -300,18 +300,16 @@ class Upsampler:
 
     @torch.no_grad()
     def upsample_44k(self, lr: torch.Tensor, steps: int | None = None, solver: str | None = None,
-                     cfg_scale: float | None = None, seed: int = 0, level: bool = False) -> torch.Tensor:
+                     cfg_scale: float | None = None, seed: int = 0) -> torch.Tensor:
         """LR audio already at 44.1 kHz [B, 1, L] -> upsampled audio [B, 1, L], in one window, no
-        low-frequency replacement (with `level`, the reference the windowed path reduces to for short
-        input). Without `level` the signal reaches the model at its own level: the model exactly as
-        trained, as validation and the overfit check measure it."""
+        low-frequency replacement (the reference the windowed path reduces to for short input), level
+        normalised like it."""
         L = lr.shape[-1]
         lr = lr.to(self.device).float()
-        gain = level_gain(lr).to(self.device) if level else None  # [B, 1]
-        c = self.norm.normalize(self.codec.encode(lr * gain[..., None] if level else lr))  # [B, C, T]
+        gain = level_gain(lr)  # [B, 1]
+        c = self.norm.normalize(self.codec.encode(lr * gain[..., None]))  # [B, C, T]
         x = self.sample_latents(c, steps, solver, cfg_scale, seed)  # [B, C, T]
-        out = self.codec.decode(self.norm.denormalize(x), length=L)  # [B, 1, L]
-        return (restore_level(out, gain) if level else out).cpu()
+        return restore_level(self.codec.decode(self.norm.denormalize(x), length=L), gain).cpu()  # [B, 1, L]
 
     def upsample(self, audio: torch.Tensor, sr: int, **kwargs) -> UpsampleResult:
         """Audio [C, L] at `sr` -> UpsampleResult with audio [C, ceil(L * 44100 / sr)] at 44.1 kHz.
