@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Dataset
 
 from jat import checkpoint as ckpt
@@ -41,13 +41,15 @@ from jat.lora import (
 )
 from jat.model import JaT
 from jat.optim import EMA, build_optimizer, lr_lambda
+from jat.runlock import RunLock
 from jat.runtime import tune_cpu_runtime
 
 log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (for example: too many consecutive non-finite steps)."""
+    """The run cannot go on (for example: too many consecutive non-finite steps, or weights that
+    became non-finite)."""
 
 
 # --- pieces ------------------------------------------------------------------------------------
@@ -107,6 +109,10 @@ class Trainer:
 
     `dataset` may be given directly (a Dataset of dict(x, c, mask) latents or dict(hr, lr, mask)
     audio); `norm` likewise (else it comes from the latent shards or is estimated from audio).
+
+    The output folder is locked (jat/runlock.py) before anything is built: a second run into it
+    stops with RunLockedError. `fit` releases the lock when it ends (and takes it again when called
+    again); `close()` releases it for a Trainer that is not fitted.
     """
 
     def __init__(self, cfg: Config, dataset: Dataset | None = None, norm: LatentNorm | None = None,
@@ -115,8 +121,21 @@ class Trainer:
         t = cfg.train
         cfg.check_paths(need_data=dataset is None)
         self.acc = accelerator or make_accelerator(t.mixed_precision)
-        set_seed(t.seed)
         self.out = Path(t.output_dir)
+        self.writer = None
+        self._run_lock = RunLock(self.out)
+        self._lock_output()
+        try:
+            self._build(cfg, dataset, norm, validator, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: Config, dataset: Dataset | None, norm: LatentNorm | None, validator: Any,
+               resume: str | None) -> None:
+        """Data, model, optimizer and resumed state: the work done once the output folder is locked."""
+        t = cfg.train
+        set_seed(t.seed)
         self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
         self.flow = FlowMatching(cfg.flow)
         self._codec = None
@@ -125,9 +144,12 @@ class Trainer:
         model = JaT(cfg.model)
         # a checkpoint's own normalisation replaces any estimate: no need to compute one first
         self.norm = norm or (LatentNorm.identity(cfg.model.in_channels) if t.init_from else self._load_norm())
+        self.base_sha256 = None  # the identity of train.init_from, recorded in LoRA adapters
         if t.init_from:
-            model.load_state_dict(ckpt.load_weights(t.init_from, "ema"))
+            ckpt.load_checked(model, ckpt.load_weights(t.init_from, "ema"), f"{t.init_from}: base weights",
+                              against="this run's model config")
             self.norm.load_state_dict(ckpt.load_weights(t.init_from, "norm"))
+            self.base_sha256 = ckpt.weights_sha256(t.init_from)
         self.lora = cfg.lora.mode != "none"
         if self.lora:  # frozen (4-bit in qlora) base + trainable adapters; quantized on the training device
             if not t.init_from:
@@ -147,11 +169,33 @@ class Trainer:
         self.skipped_steps = 0
         self.best: dict[str, Any] = {}
         self.history: list[float] = []
-        self.writer = None
         if resume:
             self._resume(resume)
 
     # --- set-up helpers -------------------------------------------------------------------------
+    def _lock_output(self) -> None:
+        """Take the output folder's run lock on the main process; every rank stops if it is taken.
+
+        The main process alone locks; its outcome goes to the other ranks in one broadcast, the first
+        collective of the run, so all raise together instead of waiting on one another."""
+        error = None
+        if self.acc.is_main_process:
+            try:
+                self._run_lock.acquire()
+            except Exception as exc:  # RunLockedError, or an output folder that cannot be created
+                error = exc
+        if self.acc.num_processes > 1:
+            [error] = broadcast_object_list([error])
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Close the log writer and release the output folder's run lock (fit does it when it ends)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self._run_lock.release()
+
     @property
     def codec(self):
         if self._codec is None:
@@ -219,13 +263,21 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------
     def fit(self, until: int | None = None) -> dict[str, Any]:
         """Train to `train.max_steps` (or stop early after step `until`, as if interrupted there);
-        returns the last logged metrics."""
+        returns the last logged metrics. Holds the output folder's run lock until it returns or raises."""
+        self._lock_output()
+        data = self.batches(self.step * self.cfg.train.grad_accum)
+        try:
+            return self._fit(until, data)
+        finally:
+            data.close()  # stops DataLoader workers now (forked ones share the lock's descriptor)
+            self.close()
+
+    def _fit(self, until: int | None, data: Iterator[dict[str, Any]]) -> dict[str, Any]:
         t, acc = self.cfg.train, self.acc
         stop = min(until, t.max_steps) if until is not None else t.max_steps
         if acc.is_main_process:
             self._open_writer()
             self._log_parameters()
-        data = self.batches(self.step * t.grad_accum)
         tokens_per_example = None
         bar = None
         if acc.is_main_process:
@@ -301,8 +353,6 @@ class Trainer:
                 self.save(metric)
         if bar is not None:
             bar.close()
-        if self.writer is not None:
-            self.writer.flush()
         acc.wait_for_everyone()
         return last
 
@@ -343,39 +393,66 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, metric: dict[str, float] | None = None) -> Path | None:
-        """Write a checkpoint atomically; keep the newest `keep_last` and the best by validation LSD."""
+        """Write a checkpoint atomically; keep the newest `keep_last` and the best by validation LSD.
+
+        Weights that became non-finite are never saved: TrainingError naming the newest intact
+        checkpoint. A failed write (disk full, file too large, ...) removes its temporary folder and
+        raises CheckpointError; the earlier checkpoints stay as they were."""
         acc, model = self.acc, self.model_plain
+        weights = adapter_state_dict(model) if self.lora else model.state_dict()
+        ema = self.ema.state_dict(model, full=not self.lora)
+        # on every rank: the weights are replicated, so all reach the same verdict without a collective
+        self._check_finite({"model": weights, "ema": ema})
         tmp = ckpt.tmp_dir(self.out, self.step)
         if metric and "lsd" in metric and (not self.best or metric["lsd"] < self.best["lsd"]):
             self.best = {"lsd": metric["lsd"], "name": ckpt.checkpoint_name(self.step), "step": self.step}
-        try:
-            if acc.is_main_process:
+        if acc.is_main_process:
+            with self._writing(tmp):
                 ckpt.begin_save(self.out, self.step)
-            acc.wait_for_everyone()
+        acc.wait_for_everyone()
+        with self._writing(tmp):
             if acc.is_main_process:
                 state = {"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
                          "skipped_steps": self.skipped_steps, "best": self.best, "metric": metric or {},
                          "losses": self.history[-1000:]}
-                ema = self.ema.state_dict(model, full=not self.lora)
-                ckpt.write_main(tmp, cfg=self.cfg, step=self.step,
-                                model=adapter_state_dict(model) if self.lora else model.state_dict(),
-                                ema=ema, norm=self.norm.state_dict(), optimizer=self.optimizer.state_dict(),
-                                state=state)
+                base = {"base_sha256": self.base_sha256} if self.lora and self.base_sha256 else None
+                ckpt.write_main(tmp, cfg=self.cfg, step=self.step, model=weights, ema=ema,
+                                norm=self.norm.state_dict(), optimizer=self.optimizer.state_dict(),
+                                state=state, extra_meta=base)
                 if self.lora:  # the shareable artefact: EMA adapter + its config and base
                     save_adapter(tmp / "adapter.safetensors", model, self.cfg.lora,
-                                 self.cfg.train.init_from, ema)
+                                 self.cfg.train.init_from, ema, base_sha256=self.base_sha256)
             ckpt.write_rng(tmp, acc.process_index)
-            acc.wait_for_everyone()
-            final = None
-            if acc.is_main_process:
+        acc.wait_for_everyone()
+        final = None
+        if acc.is_main_process:
+            with self._writing(tmp):
                 final = ckpt.finish_save(tmp)
                 ckpt.prune(self.out, self.cfg.train.keep_last, {self.best["name"]} if self.best else set())
-        except OSError as exc:  # disk full, read-only or vanished output: keep what is there, say so
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ckpt.CheckpointError(f"{self.out}: could not write the checkpoint of step {self.step} "
-                                       f"({exc.strerror or exc}); earlier checkpoints are intact") from None
         acc.wait_for_everyone()
         return final
+
+    def _check_finite(self, groups: dict[str, dict[str, torch.Tensor]]) -> None:
+        """TrainingError if a model or EMA tensor holds NaN or inf (e.g. after a too large learning rate)."""
+        for prefix, tensors in groups.items():
+            bad = ckpt.non_finite(tensors)
+            if bad is not None:
+                latest = ckpt.latest_checkpoint(self.out)
+                last = (f"the newest intact checkpoint is {latest}" if latest is not None
+                        else f"there is no intact checkpoint in {self.out}")
+                raise TrainingError(f"step {self.step}: the weights became non-finite (tensor {prefix}.{bad} "
+                                    f"holds NaN or inf): nothing saved; {last}")
+
+    @contextlib.contextmanager
+    def _writing(self, tmp: Path) -> Iterator[None]:
+        """Any failure while writing checkpoint files -> one CheckpointError, the temporary folder removed."""
+        try:
+            yield
+        except Exception as exc:  # OSError, but also safetensors' own SafetensorError (disk full, EFBIG, ...)
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or repr(exc)
+            raise ckpt.CheckpointError(f"{self.out}: could not write the checkpoint of step {self.step} "
+                                       f"({reason}); earlier checkpoints are intact") from exc
 
     def _resume(self, resume: str) -> None:
         path = ckpt.latest_checkpoint(self.out) if resume == "auto" else Path(resume)
@@ -384,15 +461,25 @@ class Trainer:
             return
         if not (path / "weights.safetensors").is_file():
             raise ckpt.CheckpointError(f"{path}: not a complete checkpoint")
+        diffs = ckpt.architecture_diff(ckpt.read_config(path), self.cfg)
+        if diffs:  # say which settings changed rather than which of thousands of tensors do not fit
+            raise ckpt.CheckpointError(f"{path} was trained with a different architecture: "
+                                       f"{'; '.join(diffs)} (resume with its settings, or choose another "
+                                       "train.output_dir)")
         model = self.model_plain
-        if self.lora:  # the base was rebuilt from train.init_from; the checkpoint holds the adapter
-            load_adapter(model, ckpt.load_weights(path, "model"))
-        else:
-            model.load_state_dict(ckpt.load_weights(path, "model"))
-        self.ema.load_state_dict(ckpt.load_weights(path, "ema"))
-        self.norm.load_state_dict(ckpt.load_weights(path, "norm"))
-        rest = ckpt.load_training_state(path, self.acc.process_index)
-        self.optimizer.load_state_dict(rest["optimizer"])
+        try:
+            if self.lora:  # the base was rebuilt from train.init_from; the checkpoint holds the adapter
+                load_adapter(model, ckpt.load_weights(path, "model"))
+            else:
+                ckpt.load_checked(model, ckpt.load_weights(path, "model"), f"{path}: model weights")
+            self.ema.load_state_dict(ckpt.load_weights(path, "ema"))
+            self.norm.load_state_dict(ckpt.load_weights(path, "norm"))
+            rest = ckpt.load_training_state(path, self.acc.process_index)
+            self.optimizer.load_state_dict(rest["optimizer"])
+        except ckpt.CheckpointError:
+            raise
+        except (KeyError, ValueError, RuntimeError) as exc:  # same config, yet tensors that do not fit
+            raise ckpt.CheckpointError(f"{path}: does not fit this run ({exc})") from None
         state = rest["state"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]

@@ -8,6 +8,9 @@ ADAPTER is an adapter file (adapter.safetensors) or a LoRA training checkpoint. 
 checkpoint given alone as --checkpoint merges onto its own base (its config's train.init_from).
 4-bit base weights are dequantized, (alpha / r) B A is added, and DIR/weights.safetensors loads
 like any trained checkpoint (scripts/infer.py --checkpoint DIR).
+
+An adapter is refused on another base than the one it was trained on (it records the base's
+identity); --force merges it anyway.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ def main() -> int:
     ap.add_argument("--checkpoint", required=True, help="base checkpoint, or a LoRA training checkpoint")
     ap.add_argument("--adapter", default=None, help="adapter file or LoRA training checkpoint")
     ap.add_argument("--out", required=True, help="output directory of the merged checkpoint")
+    ap.add_argument("--force", action="store_true",
+                    help="merge even onto another base than the one the adapter was trained on")
     args = ap.parse_args()
     try:
-        out = merge_checkpoint(args.checkpoint, args.out, args.adapter)
+        out = merge_checkpoint(args.checkpoint, args.out, args.adapter, force=args.force)
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -208,3 +208,222 @@ def test_disk_full_during_inference_keeps_existing_output(tmp_path, capsys, monk
     assert np.array_equal(sf.read(tmp_path / "a_jat.wav", dtype="float32")[0], old)  # untouched
     assert (tmp_path / "b_jat.wav").is_file()  # the other file was still written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial files left
+
+
+# --- one run per output folder: the run lock ----------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from jat.runlock import RunLock
+lock = RunLock(sys.argv[1])  # kept referenced: a RunLock that is garbage collected releases its lock
+lock.acquire()
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process holding `folder`'s run lock (until killed)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def tiny_trainer(out: Path, steps: int = 6, resume: str | None = None, **extra):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_worker import RandomLatents, make_config
+
+    from jat.codecs import LatentNorm
+    from jat.train import Trainer
+
+    torch.manual_seed(0)
+    return Trainer(make_config(str(out), 2, steps, **extra), dataset=RandomLatents(),
+                   norm=LatentNorm.identity(512), resume=resume)
+
+
+def test_second_run_into_a_locked_folder_stops_naming_the_holder_and_writes_nothing(tmp_path, monkeypatch):
+    import jat.train
+    from jat.runlock import RunLockedError
+
+    out = tmp_path / "run"
+    tiny_trainer(out).fit(until=3)  # a folder with a checkpoint and logs, as a real run leaves it
+    holder = hold_lock(out)
+    try:
+        before = snapshot(out)
+
+        def no_model(*args, **kwargs):
+            raise AssertionError("the model was built before the lock was taken")
+
+        monkeypatch.setattr(jat.train, "JaT", no_model)
+        with pytest.raises(RunLockedError) as err:
+            tiny_trainer(out, resume="auto")
+        msg = str(err.value)
+        assert msg.startswith(f"{out} is in use by pid {holder.pid} on host ")
+        assert " since 20" in msg and "choose another train.output_dir" in msg
+        assert isinstance(err.value, ckpt.CheckpointError)  # scripts/train.py prints it as one line
+        assert snapshot(out) == before  # nothing written, nothing deleted
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_run_lock_of_a_killed_run_is_free_at_once(tmp_path):
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (out / ".lock").is_file()  # the killed holder's file is still there, its lock is not
+    trainer = tiny_trainer(out)
+    info = json.loads((out / ".lock").read_text())
+    assert info["pid"] == os.getpid()
+    trainer.fit(until=1)
+
+
+def test_fit_releases_the_lock_and_a_later_trainer_in_the_process_takes_it(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    take = "import sys; from jat.runlock import RunLock; RunLock(sys.argv[1]).acquire()"
+    probe = [sys.executable, "-c", take, str(out)]
+    trainer = tiny_trainer(out)
+    taken = subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert taken.returncode != 0 and f"is in use by pid {os.getpid()}" in taken.stderr  # held from __init__
+    trainer.fit(until=3)
+    resumed = tiny_trainer(out, resume="auto")  # the same process, the finished one still referenced
+    resumed.fit()
+    assert resumed.step == 6 and trainer.step == 3
+    free = subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert free.returncode == 0, free.stderr[-2000:]  # released when fit ended
+
+    import gc
+
+    abandoned = tiny_trainer(tmp_path / "other")  # never fitted nor closed, then dropped
+    del abandoned
+    gc.collect()
+    free = subprocess.run(probe[:-1] + [str(tmp_path / "other")], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert free.returncode == 0, free.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_locked_folder_stops_every_ddp_rank_without_hanging(tmp_path):
+    out = tmp_path / "ddp"
+    holder = hold_lock(out)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29521", str(WORKER), str(out), "2", "4"]
+    try:
+        tic = time.monotonic()
+        proc = subprocess.run(launch, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+        assert time.monotonic() - tic < 120  # stopped together, not waiting out the collective timeout
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    # both ranks raise the main process's error (rank 1 learns it in the broadcast)
+    assert proc.stderr.count(f"is in use by pid {holder.pid}") >= 2, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+# --- checksums -----------------------------------------------------------------------------------
+
+
+def flip_byte(path: Path, key: str) -> None:
+    """Change one byte in the stored data of tensor `key` (its lowest byte: a float changes slightly)."""
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    start, _ = json.loads(raw[8:8 + n])[key]["data_offsets"]
+    raw[8 + n + start] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_byte_in_ema_weights_is_refused_naming_the_file(tmp_path):
+    from jat.lora import load_inference_model
+
+    out = tmp_path / "run"
+    tiny_trainer(out).fit(until=3)
+    path = out / "ckpt-00000003"
+    weights = path / "weights.safetensors"
+    key = next(k for k in load_file(str(weights)) if k.startswith("ema.") and k.endswith(".bias"))
+    flip_byte(weights, key)
+    pattern = f"{weights}: checksum mismatch: the file is corrupt .ema tensors: stored sha256 [0-9a-f]+"
+    with pytest.raises(ckpt.CheckpointError, match=pattern + r"\.\.\., computed [0-9a-f]+"):
+        ckpt.load_weights(path, "ema")
+    assert ckpt.load_weights(path, "model")  # each prefix has its own checksum: the raw weights are fine
+    with pytest.raises(ckpt.CheckpointError, match=pattern):
+        load_inference_model(path)
+    with pytest.raises(ckpt.CheckpointError, match=pattern):
+        tiny_trainer(out, resume="auto")
+
+
+def test_flipped_byte_in_optimizer_state_is_refused_on_resume(tmp_path):
+    out = tmp_path / "run"
+    tiny_trainer(out).fit(until=3)
+    opt = out / "ckpt-00000003" / "optimizer.safetensors"
+    flip_byte(opt, sorted(load_file(str(opt)))[0])
+    with pytest.raises(ckpt.CheckpointError, match=f"{opt}: checksum mismatch: the file is corrupt"):
+        tiny_trainer(out, resume="auto")
+
+
+def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path, caplog):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    tiny_trainer(out).fit(until=3)
+    path = out / "ckpt-00000003"
+    for name in ("weights.safetensors", "optimizer.safetensors"):  # as written before checksums existed
+        with safe_open(str(path / name), "pt") as f:
+            meta = {k: v for k, v in f.metadata().items() if not k.startswith("sha256")}
+        save_file(load_file(str(path / name)), str(path / name), metadata=meta)
+    caplog.set_level("WARNING")
+    resumed = tiny_trainer(out, resume="auto")
+    assert resumed.step == 3
+    assert f"{path / 'weights.safetensors'}: no checksum stored" in caplog.text
+    assert f"{path / 'optimizer.safetensors'}: no checksum stored" in caplog.text
+
+
+# --- a real write failure: the file size limit (EFBIG) ------------------------------------------
+
+FILE_TOO_LARGE = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from train_worker import RandomLatents, make_config
+from jat.checkpoint import CheckpointError
+from jat.codecs import LatentNorm
+from jat.train import Trainer
+
+out = sys.argv[1]
+trainer = Trainer(make_config(out, 2, 6), dataset=RandomLatents(), norm=LatentNorm.identity(512))
+trainer.fit(until=3)
+# from here on no file may grow past 64 KiB: writes fail with EFBIG instead of killing the process
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    trainer.fit()
+except CheckpointError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_checkpoint_write_failing_with_file_too_large_keeps_earlier_ones(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", FILE_TOO_LARGE, str(out), str(Path(__file__).parent)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (f"error: {out}: could not write the checkpoint of step 6 (" in proc.stderr
+            and "File too large" in proc.stderr and "); earlier checkpoints are intact" in proc.stderr)
+    assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt-00000003"]
+    path = out / "ckpt-00000003"
+    assert ckpt.load_weights(path, "ema") and ckpt.load_weights(path, "model")  # verified checksums
+    assert ckpt.load_training_state(path, 0)["state"]["step"] == 3

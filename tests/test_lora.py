@@ -238,8 +238,9 @@ def test_adapter_file_holds_only_adapters_and_round_trips(tmp_path):
     assert keys == set(adapter_state_dict(model))
     assert not [k for k in keys if any(w in k for w in QUANT_WORDS)]
     assert all(is_adapter_key(k) for k in keys)
-    state, cfg2, base = load_adapter_file(path)
+    state, cfg2, base, base_sha256 = load_adapter_file(path)
     assert cfg2 == cfg and base == "some/base" and meta["format"] == "jat-lora-1"
+    assert base_sha256 is None  # "some/base" is no checkpoint: no identity to record
 
     fresh = tiny_base()
     apply_adapter_file(fresh, path)
@@ -445,6 +446,14 @@ def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog
     with torch.no_grad():
         assert torch.equal(infer(*args), trainer.ema_model()(*args))
 
+    # both the adapter file and the checkpoint record their base's identity: another base at
+    # train.init_from's path (same shapes) is refused
+    identity = ckpt.weights_sha256(base_dir)
+    assert load_adapter_file(adapter_file).base_sha256 == identity == load_adapter_file(last).base_sha256
+    _write_base_checkpoint(tmp_path / "base", seed=1)
+    with pytest.raises(ckpt.CheckpointError, match=f"{last}: adapter trained on another base"):
+        load_inference_model(last)
+
 
 @pytest.mark.slow
 def test_upsampler_loads_base_plus_adapter(tmp_path):
@@ -457,3 +466,63 @@ def test_upsampler_loads_base_plus_adapter(tmp_path):
         assert torch.equal(up.model(*args), model.eval()(*args))
     res = up.upsample(0.1 * torch.randn(1, 16000), 16000, steps=2)
     assert res.audio.shape == (1, 44100) and torch.isfinite(res.audio).all()
+
+
+# --- integrity: checksums, base identity, files that are no adapter ---------------------------------
+
+
+def test_flipped_byte_in_adapter_file_is_refused(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_faults import flip_byte
+
+    model = apply_lora(tiny_base(), lcfg("lora"))
+    randomize_adapters(model)
+    path = save_adapter(tmp_path / "adapter.safetensors", model, lcfg("lora"))
+    flip_byte(path, sorted(adapter_state_dict(model))[0])
+    with pytest.raises(ckpt.CheckpointError, match=f"{path}: checksum mismatch: the file is corrupt"):
+        load_adapter_file(path)
+    with pytest.raises(ckpt.CheckpointError, match=f"{path}: checksum mismatch"):
+        apply_adapter_file(tiny_base(), path)
+
+
+def test_adapter_is_refused_on_another_base_of_the_same_shapes(tmp_path, caplog):
+    base_a, _, model, adapter = _adapted_base(tmp_path, seed=7)
+    base_b, _ = _write_base_checkpoint(tmp_path / "other", seed=1)  # same config, other weights
+    id_a, id_b = ckpt.weights_sha256(base_a), ckpt.weights_sha256(base_b)
+    assert id_a and id_b and id_a != id_b
+    assert load_adapter_file(adapter).base_sha256 == id_a  # recorded at save
+    with pytest.raises(ckpt.CheckpointError) as err:
+        load_inference_model(base_b, adapter)
+    assert str(err.value) == (f"{adapter}: adapter trained on another base: it records base {base_a} "
+                              f"(sha256 {id_a[:16]}...), not {base_b} (sha256 {id_b[:16]}...); give the base "
+                              "it was trained on, or force it (force=True, merge_lora.py --force)")
+    caplog.set_level("WARNING")
+    forced, _, _ = load_inference_model(base_b, adapter, force=True)
+    assert "applied anyway (forced)" in caplog.text
+    own, _, _ = load_inference_model(base_a, adapter)  # its own base: accepted
+    args = inputs(C=512, T=21)
+    with torch.no_grad():
+        assert torch.equal(own(*args), model.eval()(*args))
+    # the export script refuses too, with the same one-line message, and writes nothing
+    cmd = [sys.executable, "scripts/merge_lora.py", "--checkpoint", str(base_b), "--adapter", str(adapter),
+           "--out", str(tmp_path / "merged")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {err.value}"
+    assert not (tmp_path / "merged").exists()
+    forced_dir = merge_checkpoint(base_b, tmp_path / "forced", adapter, force=True)
+    assert (forced_dir / "weights.safetensors").is_file()
+
+
+def test_a_file_that_is_no_adapter_is_a_checkpoint_error(tmp_path):
+    import soundfile as sf
+
+    base_dir, _ = _write_base_checkpoint(tmp_path / "base")
+    wav = tmp_path / "some.wav"
+    sf.write(wav, torch.zeros(1000).numpy(), 16000)
+    with pytest.raises(ckpt.CheckpointError, match=f"^{wav}: not an adapter file \\(.+\\)$"):
+        load_inference_model(base_dir, wav)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ckpt.CheckpointError, match=f"^{other}: not an adapter file \\(format None, "
+                                                   "expected 'jat-lora-1'\\)$"):
+        load_adapter_file(other)

@@ -181,3 +181,83 @@ def test_fit_tunes_the_cpu_runtime_once_set_up(tmp_path, monkeypatch):
     monkeypatch.setattr(jat.train, "tune_cpu_runtime", lambda: calls.append("tuned") or {})
     _run(tmp_path / "run", 2, 1)
     assert calls == ["tuned"]  # at the start of fit, after the model, optimizer and data are built
+
+
+# --- refused: another architecture, non-finite weights ------------------------------------------
+
+
+def test_resume_with_another_architecture_names_the_changed_settings(tmp_path):
+    out = tmp_path / "run"
+    _run(out, 2, 6, until=3)
+    cfg = make_config(str(out), 2, 6, **{"model.depth": 3, "model.num_heads": 2})
+    with pytest.raises(ckpt.CheckpointError) as err:
+        Trainer(cfg, dataset=RandomLatents(), norm=LatentNorm.identity(512), resume="auto")
+    assert str(err.value) == (f"{out / 'ckpt-00000003'} was trained with a different architecture: "
+                              "model.depth 2 -> 3; model.num_heads 4 -> 2 (resume with its settings, "
+                              "or choose another train.output_dir)")
+
+
+def test_resume_with_tensors_that_do_not_fit_is_one_checkpoint_error(tmp_path):
+    out = tmp_path / "run"
+    _run(out, 2, 6, until=3)
+    weights = out / "ckpt-00000003" / "weights.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:  # the same config, yet a tensor gone (checksums rewritten)
+        meta = {k: v for k, v in f.metadata().items() if not k.startswith("sha256")}
+    tensors = {k: v for k, v in load_file(str(weights)).items() if k != "model.final_layer.linear.bias"}
+    ckpt.save_tensors(tensors, weights, meta, groups=ckpt.WEIGHT_PREFIXES)
+    with pytest.raises(ckpt.CheckpointError, match="model weights do not fit the stored config: "
+                                                   "1 missing .first: final_layer.linear.bias."):
+        _run(out, 2, 6, resume="auto")
+
+
+def _nan_checkpoint(root):
+    """A tiny checkpoint, its checksums right, whose EMA weights hold a NaN."""
+    cfg = make_config(str(root), 2, 3)
+    state = JaT(cfg.model).state_dict()
+    ema = {k: v.clone() for k, v in state.items()}
+    ema["blocks.0.attn.q.weight"][1, 2] = float("nan")
+    tmp = ckpt.begin_save(root, 1)
+    ckpt.write_main(tmp, cfg=cfg, step=1, model=state, ema=ema, norm=LatentNorm.identity(512).state_dict(),
+                    optimizer={"state": {}, "param_groups": []}, state={})
+    return ckpt.finish_save(tmp)
+
+
+def test_non_finite_weights_are_refused_for_inference_and_init_from(tmp_path):
+    from jat.lora import load_inference_model
+
+    path = _nan_checkpoint(tmp_path / "nan")
+    msg = f"{path / 'weights.safetensors'}: tensor ema.blocks.0.attn.q.weight holds non-finite values"
+    with pytest.raises(ckpt.CheckpointError, match=msg):
+        load_inference_model(path)
+    cfg = make_config(str(tmp_path / "ft"), 2, 3, **{"train.init_from": str(path)})
+    with pytest.raises(ckpt.CheckpointError, match=msg):
+        Trainer(cfg, dataset=RandomLatents())
+
+
+def test_weights_that_became_non_finite_are_never_saved(tmp_path):
+    from jat.train import TrainingError
+
+    out = tmp_path / "run"
+    trainer = Trainer(make_config(str(out), 2, 20, **{"train.max_bad_steps": 2}), dataset=RandomLatents(),
+                      norm=LatentNorm.identity(512))
+    trainer.fit(until=3)
+    with torch.no_grad():  # what a too large learning rate does: the weights diverge, every step skips
+        trainer.model_plain.blocks[0].attn.q.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError) as err:
+        trainer.fit()
+    assert str(err.value) == (f"step 5: the weights became non-finite (tensor model.blocks.0.attn.q.weight "
+                              f"holds NaN or inf): nothing saved; the newest intact checkpoint is "
+                              f"{out / 'ckpt-00000003'}")
+    assert [p.name for p in out.iterdir() if "ckpt" in p.name] == ["ckpt-00000003"]
+    assert ckpt.load_weights(out / "ckpt-00000003", "model")  # the earlier one loads, finite
+
+    fresh = Trainer(make_config(str(tmp_path / "new"), 2, 20), dataset=RandomLatents(),
+                    norm=LatentNorm.identity(512))
+    fresh.ema.shadow[0].fill_(float("inf"))
+    with pytest.raises(TrainingError, match=r"non-finite \(tensor ema\.\S+ holds NaN or inf\): nothing "
+                                            f"saved; there is no intact checkpoint in {tmp_path / 'new'}$"):
+        fresh.save()
+    assert not [p for p in (tmp_path / "new").iterdir() if "ckpt" in p.name]
+    fresh.close()
