@@ -29,6 +29,44 @@ RESAMPLE_ROLLOFF = 0.97
 RESAMPLE_BETA = 8.6
 
 
+# --- level ------------------------------------------------------------------------------------------
+
+REF_RMS_DBFS = -20.0  # level normalisation: every channel is brought to this RMS ...
+PEAK_MAX = 1.0  # ... unless that would push its peak above this (full scale)
+SILENCE_PEAK = 2.0**-32  # a channel whose peak is below this counts as digital silence
+
+
+def level_gain(audio: torch.Tensor) -> torch.Tensor:
+    """Gain [...] per signal of audio [..., L] that brings its RMS to REF_RMS_DBFS, capped so that its
+    peak stays at or below PEAK_MAX; 0 for digital silence (peak below SILENCE_PEAK).
+
+    Why: the network and the codec's amplitude compression are not linear, so what the model adds
+    depends on the input's level; a quiet or silent input is far from the levels it was trained on
+    and comes back with generated noise at a typical level (digital silence gave noise at about
+    -24 dBFS). Scaling every signal to one reference level before encoding and dividing the output
+    by the same gain makes the result scale with the input: upsample(g * x) == g * upsample(x), bit
+    for bit when g is a power of two (the gain is computed in float64 and every other step is linear
+    or sees the same scaled signal). Training pairs are brought to the same level (`jat.data`,
+    `jat.precompute`), so the model learns at the level it is used at. -20 dBFS RMS is a typical
+    level of speech and music recordings; the peak cap keeps signals with a high crest factor within
+    full scale, where the codec was trained. SILENCE_PEAK lies below the smallest step of 32-bit PCM
+    (2^-31): no integer file can hold anything quieter, and a float file that does is numerical dust;
+    it also keeps the gain finite in float32 (at most 2^32).
+    """
+    n, chunk = audio.shape[-1], 2**20  # float64 a chunk at a time: no float64 copy of a long signal
+    squares = sum(audio[..., a : a + chunk].double().square().sum(-1) for a in range(0, n, chunk))
+    rms = (squares / n).sqrt()  # [...]
+    peak = audio.abs().amax(-1).double()  # [...]
+    gain = torch.minimum(10 ** (REF_RMS_DBFS / 20) / rms, PEAK_MAX / peak)
+    return torch.where(peak >= SILENCE_PEAK, gain, 0.0).float()
+
+
+def restore_level(out: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """out [..., L] divided by `level_gain`'s gain [...]; exactly zero where the gain is 0 (silence)."""
+    gain = gain.to(out.device)[..., None]
+    return torch.where(gain > 0, out / gain, 0.0)
+
+
 class AudioError(ValueError):
     """An audio file problem (missing, unreadable, empty, silent, non-finite); names the file."""
 

@@ -48,6 +48,7 @@ from jat.audio import (
     RESAMPLE_WIDTH,
     AudioError,
     audio_info,
+    level_gain,
     list_audio_files,
     read_samples,
     resample,
@@ -59,7 +60,7 @@ from jat.degrade import simulate_lowres
 log = logging.getLogger(__name__)
 
 SHARD_GLOB = "shard-*.safetensors"
-SHARD_FORMAT = "jat-latents-1"
+SHARD_FORMAT = "jat-latents-2"  # 2: segments at the reference level (`at_reference_level`)
 SHARD_KEYS = ("hr", "lr", "frames", "cutoff")
 MAX_REDRAWS = 100  # draws of another file before a dataset of bad files gives up
 
@@ -76,6 +77,13 @@ def shard_metadata(handle: Any) -> dict[str, Any]:
 def example_rng(*keys: int) -> np.random.Generator:
     """A generator determined by non-negative integer keys, e.g. (seed, epoch, index)."""
     return np.random.default_rng([int(k) for k in keys])
+
+
+def at_reference_level(x: np.ndarray) -> np.ndarray:
+    """A training segment [n] scaled to the level the upsampler brings its input to (`level_gain`), so
+    that the model learns at the level it is used at; digital silence is left as it is."""
+    gain = float(level_gain(torch.from_numpy(np.ascontiguousarray(x))[None])[0])
+    return (x * np.float32(gain)).astype(np.float32) if gain > 0 else x
 
 
 def as_numpy(audio: Any) -> np.ndarray:
@@ -235,6 +243,7 @@ class AudioSegmentDataset(Dataset):
 
     def _example(self, x: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
         seg, n = self.segment_samples, x.shape[-1]
+        x = at_reference_level(x)  # [n]
         lr, deg = simulate_lowres(x[None], self.sample_rate, rng, self.cfg)  # [1, n]
         hr_out = torch.zeros(1, seg)  # [1, L]
         lr_out = torch.zeros(1, seg)  # [1, L]

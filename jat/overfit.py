@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from jat.audio import level_gain
 from jat.band import SR
 from jat.codecs import LatentStats, build_codec
 from jat.config import Config
 from jat.evaluate import score_clip
-from jat.inference import Upsampler, level_gain
+from jat.inference import Upsampler
 from jat.metrics import lsd
 from jat.train import Trainer
 from jat.validation import make_clip

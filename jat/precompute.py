@@ -40,6 +40,7 @@ from jat.data import (
     SHARD_GLOB,
     SHARD_KEYS,
     as_numpy,
+    at_reference_level,
     example_rng,
     record_bad,
     scan_audio_files,
@@ -131,6 +132,7 @@ def prepare_file(path: Path, units: Sequence[Unit], cfg: DataConfig, versions: i
         x = audio[min(u.channel, audio.shape[0] - 1), u.segment * segment : (u.segment + 1) * segment]  # [n]
         if x.size == 0:  # the header over-estimated the length by a segment's worth: nothing here
             continue
+        x = at_reference_level(x)  # [n]
         hr, lr, degs = np.zeros(segment, np.float32), np.zeros((versions, segment), np.float32), []
         hr[: x.size] = x
         for k in range(versions):

@@ -20,7 +20,15 @@ import jat.precompute as pre
 from jat.audio import AudioError, load_audio
 from jat.codecs import LatentNorm, MDCTCodec
 from jat.config import DataConfig
-from jat.data import AudioSegmentDataset, LatentShardDataset, ShardError, collate, read_crop, shard_metadata
+from jat.data import (
+    AudioSegmentDataset,
+    LatentShardDataset,
+    ShardError,
+    at_reference_level,
+    collate,
+    read_crop,
+    shard_metadata,
+)
 
 SR = 44100
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +95,8 @@ def test_segments_have_fixed_length_and_masks(audio_dir: Path):
     n = int(0.4 * SR)
     assert item["mask"][:n].all() and not item["mask"][n:].any()
     whole = load_audio(audio_dir / "c_48k_short.wav")[0]  # [n]
-    torch.testing.assert_close(item["hr"][0, :n], whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(item["hr"][0, :n], torch.from_numpy(at_reference_level(whole.numpy())),
+                               atol=1e-6, rtol=0)
     # the LR has lost the band above its cutoff; the HR has not
     spec_hr = np.abs(np.fft.rfft(item["hr"][0, :n].numpy())) ** 2
     spec_lr = np.abs(np.fft.rfft(item["lr"][0, :n].numpy())) ** 2
@@ -99,13 +108,19 @@ def test_crops_are_slices_of_one_channel(audio_dir: Path, tmp_path: Path):
     path = audio_dir / "d_44k_stereo.wav"
     data = sf.read(path, dtype="float32")[0]  # [L, 2]
     ds = AudioSegmentDataset([path], CFG)
-    crops = [ds[i]["hr"][0].numpy() for i in range(len(ds))]
-    crops += [read_crop(ds.infos[0], SR, SR, np.random.default_rng(k)) for k in range(20)]
+    # dataset examples are crops brought to the reference level; read_crop's are the raw slices
+    crops = [(ds[i]["hr"][0].numpy(), at_reference_level) for i in range(len(ds))]
+    crops += [(read_crop(ds.infos[0], SR, SR, np.random.default_rng(k)), lambda x: x) for k in range(20)]
     channels, starts = set(), set()
-    for hr in crops:
-        hits = [(ch, s) for ch in range(2) for s in np.flatnonzero(data[:, ch] == hr[0])
-                if np.array_equal(data[s : s + SR, ch], hr)]
-        assert hits, "crop is not an exact slice of a channel"
+    for hr, level in crops:
+        hits = []
+        for ch in range(2):
+            with np.errstate(divide="ignore", invalid="ignore"):  # candidate starts: the same gain twice
+                r0, r1 = hr[0] / data[:-1, ch], hr[1] / data[1:, ch]
+            for s in np.flatnonzero(np.isclose(r0, r1, rtol=1e-5)):
+                if s + SR <= len(data) and np.array_equal(level(data[s : s + SR, ch]), hr):
+                    hits.append((ch, s))
+        assert hits, "crop is not a slice of a channel"
         channels.add(hits[0][0])
         starts.add(hits[0][1])
     assert channels == {0, 1} and len(starts) > 10
@@ -115,7 +130,7 @@ def test_crops_are_slices_of_one_channel(audio_dir: Path, tmp_path: Path):
         full = load_audio(long)[0].numpy()  # [L]
         hr = AudioSegmentDataset([long], CFG, seed=5)[1]["hr"][0].numpy()
         start = int(np.argmax(scipy.signal.correlate(full, hr, mode="valid", method="fft")))
-        np.testing.assert_allclose(hr, full[start : start + SR], atol=1e-5)
+        np.testing.assert_allclose(hr, at_reference_level(full[start : start + SR]), atol=1e-5)
 
 
 def test_examples_depend_only_on_seed_epoch_index(audio_dir: Path):
@@ -219,7 +234,7 @@ def test_precompute_writes_shards_and_stats(latents):
     for r, (key, ch, seg) in enumerate(sources):
         audio = torch.zeros(1, 1, 22050)
         piece = load_audio(clips / key)[ch, seg * 22050 : (seg + 1) * 22050]
-        audio[0, 0, : len(piece)] = piece
+        audio[0, 0, : len(piece)] = torch.from_numpy(at_reference_level(piece.numpy()))
         torch.testing.assert_close(rows["hr"][r].float(), codec.encode(audio)[0], rtol=2e-3, atol=2e-3)
     # K versions differ, and each has lost the band above its cutoff
     r = sources.index(["c_48k.wav", 0, 0])
@@ -389,3 +404,22 @@ def test_precompute_script(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert LatentShardDataset(tmp_path / "lat")[0]["x"].shape == (512, T_SEG)
     assert script.main(args + ["data.strict=true"]) == 1
     assert "bad_" in capsys.readouterr().err
+
+
+def test_training_segments_are_at_the_upsamplers_reference_level(audio_dir: Path):
+    """The upsampler brings every input to REF_RMS_DBFS (`level_gain`); training pairs are brought
+    there too, whatever the file's own level, so the model learns at the level it is used at."""
+    from jat.audio import PEAK_MAX, REF_RMS_DBFS
+
+    target = 10 ** (REF_RMS_DBFS / 20)
+    ds = AudioSegmentDataset(audio_dir, CFG)
+    for i in range(len(ds)):
+        item = ds[i]
+        hr, lr = item["hr"][0, item["mask"]].double(), item["lr"][0, item["mask"]].double()
+        rms, peak = float(hr.square().mean().sqrt()), float(hr.abs().max())
+        assert rms == pytest.approx(target, rel=1e-4) or peak == pytest.approx(PEAK_MAX, rel=1e-4)
+        assert float(lr.square().mean().sqrt()) <= 1.001 * rms  # the LR is the same pair, band-limited
+    quiet = 1e-3 * ds[0]["hr"]  # a quiet file gives the same example as a loud one
+    torch.testing.assert_close(torch.from_numpy(at_reference_level(quiet[0].numpy())), ds[0]["hr"][0],
+                               rtol=1e-5, atol=1e-7)
+    assert not at_reference_level(np.zeros(100, np.float32)).any()  # silence stays silence
