@@ -245,6 +245,40 @@ class DiTBlock(nn.Module):
         return x  # [B, N, D]
 
 
+class EnvelopeHead(nn.Module):
+    """The log-envelope e [B, E, T] of what the condition lacks, from the condition alone.
+
+    It sees neither t nor z_t: the envelope is a property of the signal, not of the noise level, and
+    a head on the DiT's output learned t-dependent envelopes that only the well-sampled ends of the
+    U-shaped t distribution pinned down (mid-t samples then came out 30 dB too loud). Input: the
+    condition's log-RMS per frame on `IN_BANDS` equal bands of channels [B, IN_BANDS, T], plus its
+    mean over the segment; two temporal convolutions; a zero-initialised output (e = 0 at start).
+    """
+
+    IN_BANDS = 64
+
+    def __init__(self, channels: int, bands: int, hidden: int = 128, kernel: int = 5):
+        super().__init__()
+        self.channels, self.bands = channels, bands
+        self.net = nn.Sequential(
+            nn.Conv1d(2 * self.IN_BANDS, hidden, kernel, padding=kernel // 2), nn.GELU(),
+            nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2), nn.GELU(),
+            nn.Conv1d(hidden, bands, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, T = c.shape
+        power = F.adaptive_avg_pool1d(c.float().square().transpose(1, 2), self.IN_BANDS)  # [B, T, 64]
+        feat = 0.125 * torch.log(power.transpose(1, 2) + 1e-6)  # [B, 64, T] log-RMS / 4, about [-2, 1]
+        if mask is None:
+            mean = feat.mean(-1, keepdim=True)  # [B, 64, 1]
+        else:
+            m = mask[:, None].to(feat.dtype)  # [B, 1, T]
+            mean = (feat * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)
+        return self.net(torch.cat([feat, mean.expand_as(feat)], 1))  # [B, E, T]
+
+
 class FinalLayer(nn.Module):
     """LayerNorm, adaLN shift/scale, Linear to C·p values per token."""
 
@@ -275,9 +309,9 @@ class JaT(nn.Module):
             self.rope = None
             self.pos_table = nn.Parameter(torch.zeros(1, cfg.max_tokens, d))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
-        # envelope_bands > 0: extra output channels, a per-frame log-envelope for flow.precondition=band
-        self.out_channels = c + cfg.envelope_bands
-        self.final_layer = FinalLayer(d, self.out_channels * p)
+        self.final_layer = FinalLayer(d, c * p)
+        # envelope_bands > 0: a per-frame log-envelope for flow.precondition=band, from c alone
+        self.envelope = EnvelopeHead(c, cfg.envelope_bands) if cfg.envelope_bands else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -332,9 +366,11 @@ class JaT(nn.Module):
                 x = checkpoint(block, x, cond, rope, key_mask, use_reentrant=False)
             else:
                 x = block(x, cond, rope, key_mask)  # [B, N, D]
-        out = self.final_layer(x, cond)  # [B, N, (C + E)·p]
-        out = rearrange(out, "b n (c p) -> b c (n p)", p=p)  # [B, C + E, T_pad]
-        return out[..., :T]  # [B, C + E, T]
+        out = self.final_layer(x, cond)  # [B, N, C·p]
+        out = rearrange(out, "b n (c p) -> b c (n p)", p=p)[..., :T]  # [B, C, T]
+        if self.envelope is None:
+            return out
+        return torch.cat([out, self.envelope(c, mask).to(out.dtype)], 1)  # [B, C + E, T]
 
 
 def cast_linears_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
