@@ -136,13 +136,13 @@ class FlowMatching:
     def predict_x(self, model: Denoiser, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
         """x̂ [B, C, T] for z [B, C, T] at times t [B], through the configured output parametrisation."""
-        out = model(z, t, c, mask).float()  # [B, C (+ bands), T]
+        out = model(z, t, c, mask).to(z.dtype)  # [B, C (+ bands), T]; bf16 under autocast -> z's dtype
         C = c.shape[1]
         if self.cfg.precondition == "none":
             return out
         F_, env = out[:, :C], out[:, C:]  # [B, C, T], [B, bands, T]
         sigma = self.residual_scale(c, mask, env)  # [B, C, T]
-        tb = t.view(-1, 1, 1).float()
+        tb = t.view(-1, 1, 1).to(z.dtype)
         var = (tb * sigma).square() + (1 - tb).square()
         skip = tb * sigma.square() / var
         scale = (1 - tb) * sigma * var.rsqrt()
@@ -152,11 +152,11 @@ class FlowMatching:
         """σ [B, C, T] of the "band" prior: small where the condition carries a channel, 1 where it is
         empty, times exp of the predicted log-envelope env [B, bands, T] (bands may be 0)."""
         B, C, T = c.shape
-        c = c.float()
+        c = c.to(torch.promote_types(c.dtype, torch.float32))
         if mask is None:
             rms = c.square().mean(-1, keepdim=True).sqrt()  # [B, C, 1]
         else:
-            m = mask[:, None].float()  # [B, 1, T]
+            m = mask[:, None].to(c.dtype)  # [B, 1, T]
             rms = ((c.square() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)).sqrt()
         # absent below τ, carried above 3τ, a linear ramp between (the leakage floor of a resampler's
         # stop band and the quietest carried bins overlap a little; docs/quality.md has the figures)
@@ -165,7 +165,7 @@ class FlowMatching:
         sigma = self.cfg.sigma_min + (1 - self.cfg.sigma_min) * absent  # [B, C, 1]
         if env.shape[1] == 0:
             return sigma.expand(B, C, T)
-        log_env = F.interpolate(env.float().transpose(1, 2), size=C, mode="linear", align_corners=False)
+        log_env = F.interpolate(env.to(c.dtype).transpose(1, 2), size=C, mode="linear", align_corners=False)
         return sigma * log_env.transpose(1, 2).clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE).exp()  # [B, C, T]
 
     @staticmethod

@@ -11,18 +11,19 @@ from jat.config import Config
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (fp32), with the usual warm-up
+    """Exponential moving average of the trainable parameters (fp32, or the parameters' own precision
+    where it is wider), with the usual warm-up
     decay min(decay, (1 + n) / (10 + n)) so short runs are not dominated by the initial weights."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.shadow = [p.detach().float().clone() for p in model.parameters() if p.requires_grad]
+        self.shadow = [_wide(p).clone() for p in model.parameters() if p.requires_grad]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, num_updates: int) -> None:
         d = min(self.decay, (1 + num_updates) / (10 + num_updates))
-        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
+        params = [_wide(p) for p in model.parameters() if p.requires_grad]
         torch._foreach_lerp_(self.shadow, params, 1 - d)
 
     def state_dict(self, model: torch.nn.Module, full: bool = True) -> dict[str, torch.Tensor]:
@@ -35,6 +36,11 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for i, name in enumerate(self.names):
             self.shadow[i].copy_(state[name])
+
+
+def _wide(p: torch.Tensor) -> torch.Tensor:
+    """p detached, in float32 or wider (bf16/fp16 weights average in fp32, float64 ones stay)."""
+    return p.detach().to(torch.promote_types(p.dtype, torch.float32))
 
 
 def lr_lambda(cfg: Config):

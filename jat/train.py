@@ -236,7 +236,8 @@ class Trainer:
                 x = self.codec.encode(raw["hr"].to(dev))  # [B, C, T]
                 c = self.codec.encode(raw["lr"].to(dev))
             mask = self._frame_mask(raw["mask"].to(dev), x.shape[-1], self.codec.hop)
-        return Batch(self.norm.normalize(x.float()), self.norm.normalize(c.float()), mask)
+        dtype = torch.promote_types(next(self.model_plain.parameters()).dtype, torch.float32)
+        return Batch(self.norm.normalize(x.to(dtype)), self.norm.normalize(c.to(dtype)), mask)
 
     def batches(self, micro_start: int) -> Iterator[dict[str, Any]]:
         """Micro-batches for this process from global micro-batch index `micro_start` on, forever."""

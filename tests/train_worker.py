@@ -82,11 +82,14 @@ def main() -> None:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--slow-save", type=float, default=0.0)
     ap.add_argument("--fail-rank", type=int, default=None, help="this rank raises after a few examples")
+    ap.add_argument("--float64", action="store_true", help="model, data and optimizer in float64")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = args.out
     if args.slow_save:
         slow_down_saves(args.slow_save)
+    if args.float64:
+        torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
     data = RandomLatents()
     if args.fail_rank is not None and int(os.environ.get("RANK", "0")) == args.fail_rank:
