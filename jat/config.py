@@ -79,6 +79,7 @@ class FlowConfig:
     precondition: Literal["none", "band"] = "none"  # output parametrisation (flow.py docstring)
     band_threshold: float = 0.1  # "band": condition RMS below this: channel absent; above 3x: carried
     sigma_min: float = 0.05  # "band": residual scale of the channels the condition carries
+    envelope_loss: float = 1.0  # "band": weight of the direct log-envelope target (flow.envelope_error)
 
 
 @dataclass
@@ -362,7 +363,7 @@ _RULES = {
             "train.log_every train.val_every train.val_steps train.ckpt_every train.keep_last "
             "train.max_bad_steps lora.rank lora.temporal_dim lora.temporal_kernel "
             "data.val_clips",  # data.val: null turns validation off, not 0 clips
-    ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps model.envelope_bands",
+    ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps model.envelope_bands flow.envelope_loss",
     "> 0": "model.mlp_ratio model.rope_theta flow.u_shape_a flow.logit_normal_std codec.chunk_seconds "
            "data.segment_seconds optim.lr optim.eps optim.grad_clip lora.alpha flow.band_threshold",
     "in [0, 1)": "flow.cond_dropout optim.betas train.ema_decay lora.dropout",

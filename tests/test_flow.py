@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
 from jat.config import FlowConfig
@@ -297,3 +298,21 @@ def test_band_parametrisation_trains_and_samples_on_dac_latents(tiny_dac):
     assert sum(losses[-4:]) < 0.6 * sum(losses[:4])
     out = fm.sample(model, c, steps=4, generator=torch.Generator().manual_seed(0))
     assert out.shape == x.shape and bool(torch.isfinite(out).all())
+
+
+def test_envelope_target_is_the_clean_latents_band_level_where_the_condition_is_empty():
+    fm = band_flow()
+    C, T, E = 8, 30, 2
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, C, T, generator=g)
+    x[:, 4:] *= 0.1  # the upper band is 20 dB below the lower one
+    c = x.clone()
+    c[:, 4:] = 0  # ... and absent from the condition
+    level = 0.5 * torch.log(F.adaptive_avg_pool1d(x.square().transpose(1, 2), E).transpose(1, 2) + 1e-4)
+    assert float(fm.envelope_error(level, x, c, None).abs().max()) < 1e-6  # exact envelope: no error
+    wrong_low = level.clone()
+    wrong_low[:, 0] += 3.0  # an error in the band the condition carries does not count
+    assert float(fm.envelope_error(wrong_low, x, c, None).abs().max()) < 1e-6
+    wrong_high = level.clone()
+    wrong_high[:, 1] += 3.0
+    torch.testing.assert_close(fm.envelope_error(wrong_high, x, c, None), torch.full((1, T), 9.0))
