@@ -2,7 +2,7 @@
 """Evaluate a checkpoint: degrade each HR file at each cutoff (recorded protocol), upsample, score.
 
     python scripts/evaluate.py --checkpoint CKPT --data DIR [--cutoffs 4000 8000 12000] [--steps N]
-        [--json OUT]
+        [--max-files N] [--max-seconds S] [--json OUT]
     python scripts/evaluate.py --checkpoint CKPT --data speech=heldout-speech.txt music=heldout-music.txt
 
 --data takes folders or manifests, each optionally named (NAME=PATH): named sets are also
@@ -27,10 +27,19 @@ from jat.evaluate import evaluate, markdown_table
 from jat.inference import Upsampler
 
 
-def data_sets(specs: list[str]) -> tuple[list[str], list[str] | None]:
+def spread(files: list, n: int | None) -> list:
+    """At most n of `files`, evenly spaced through the sorted list (a manifest sorted by folder, such
+    as one voice or language per folder, is then sampled across its folders, not from the first)."""
+    if n is None or len(files) <= n:
+        return files
+    return [files[i * len(files) // n] for i in range(n)]
+
+
+def data_sets(specs: list[str], max_files: int | None = None) -> tuple[list[str], list[str] | None]:
     """--data entries ([NAME=]PATH) -> (files, one category per file, or None when none is named).
 
-    An entry is NAME=PATH when it holds '=', is not itself an existing path and NAME has no '/'."""
+    An entry is NAME=PATH when it holds '=', is not itself an existing path and NAME has no '/'.
+    max_files: at most this many files per entry (`spread`)."""
     named = []
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -42,7 +51,7 @@ def data_sets(specs: list[str]) -> tuple[list[str], list[str] | None]:
         raise ValueError("a --data name may not be 'all' or contain '@' (aggregate names)")
     files, categories = [], []
     for name, path in named:
-        found = list_audio_files(path)
+        found = spread(list_audio_files(path), max_files)
         files += found
         categories += [name or Path(path).stem] * len(found)
     return files, (categories if any(name for name, _ in named) else None)
@@ -57,6 +66,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-seconds", type=float, default=None, help="score only the start of each file")
+    ap.add_argument("--max-files", type=int, default=None, help="at most this many files per --data entry, "
+                    "evenly spread through it")
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="write results here (and a markdown table beside it)")
@@ -64,7 +75,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         up = Upsampler.from_checkpoint(args.checkpoint, device=args.device, adapter=args.adapter)
-        files, categories = data_sets(args.data)
+        files, categories = data_sets(args.data, args.max_files)
     except (CheckpointError, ConfigError, AudioError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -188,3 +188,10 @@ def test_script_writes_json_and_table_and_lists_bad_files(tmp_path, data, checkp
     assert table == markdown_table(result) + "\n"
     assert table in proc.stdout
     assert {line.split("|")[1].strip() for line in table.splitlines()[2:]} == {"all", "4000", "8000"}
+
+
+def test_max_files_spreads_evenly_through_each_entry():
+    files = [f"{lang}/{i}.wav" for lang in ("ca", "de", "en", "fr") for i in range(5)]  # sorted by folder
+    picked = evaluate_script.spread(files, 4)
+    assert picked == ["ca/0.wav", "de/0.wav", "en/0.wav", "fr/0.wav"]  # one per folder, not the first 4
+    assert evaluate_script.spread(files, 50) == files and evaluate_script.spread(files, None) == files
