@@ -1,4 +1,4 @@
-"""The input's band (SPEC.md section 7): bringing it to 44.1 kHz in chunks, estimating its cutoff, and
+"""The input's band (docs/design.md section 7): bringing it to 44.1 kHz in chunks, estimating its cutoff, and
 keeping it in the output below that cutoff (low-frequency replacement).
 
 Every function here works through long signals in chunks with enough context that the chunks join

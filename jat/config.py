@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The DiT (SPEC.md section 3). Defaults are the V2 model on DAC latents."""
+    """The DiT (docs/design.md section 3). Defaults are the V2 model on DAC latents."""
 
     preset: str | None = None  # size preset this section started from (v1, v2, small, tiny); informational
     in_channels: int = 1024  # latent channels C of the codec (DAC 1024, mdct 512)
@@ -64,7 +64,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class FlowConfig:
-    """Flow matching (SPEC.md section 4). Time convention: t = 0 is noise, t = 1 is data."""
+    """Flow matching (docs/design.md section 4). Time convention: t = 0 is noise, t = 1 is data."""
 
     timesteps: Literal["u_shaped", "uniform", "logit_normal"] = "u_shaped"
     u_shape_a: float = 4.0  # density proportional to cosh(a (t - 1/2))
@@ -84,7 +84,7 @@ class FlowConfig:
 
 @dataclass
 class CodecConfig:
-    """The latent codec (SPEC.md section 2)."""
+    """The latent codec (docs/design.md section 2)."""
 
     name: Literal["mdct", "dac"] = "dac"
     dac_weights: str | None = None  # local .pth of DAC 44 kHz; None: the library's download cache
@@ -96,7 +96,7 @@ class CodecConfig:
 
 @dataclass
 class DataConfig:
-    """Training data (SPEC.md section 5)."""
+    """Training data (docs/design.md section 5)."""
 
     train: str | None = None  # audio folder (recursive) or manifest .txt of audio paths
     val: str | None = None  # audio folder or manifest for validation; None: no validation
@@ -152,7 +152,7 @@ class TrainConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA / QLoRA fine-tuning (SPEC.md section 6)."""
+    """LoRA / QLoRA fine-tuning (docs/design.md section 6)."""
 
     mode: Literal["none", "lora", "qlora"] = "none"
     rank: int = 16

@@ -1,4 +1,4 @@
-"""Low-resolution simulation (SPEC.md section 5): pure, seeded functions.
+"""Low-resolution simulation (docs/design.md section 5): pure, seeded functions.
 
 An LR example is the HR signal with everything above a cutoff removed, brought back to the HR
 rate, in two stages:
@@ -19,7 +19,7 @@ rate, in two stages:
    stage is what band-limits the signal; whatever the family or order, nothing survives above
    the cutoff.
 
-The "sinc baseline" of SPEC.md section 8 is this LR signal itself (already back at 44.1 kHz), or
+The "sinc baseline" of docs/design.md section 8 is this LR signal itself (already back at 44.1 kHz), or
 for a real LR recording, the recording resampled to 44.1 kHz (`sinc_baseline`).
 """
 

@@ -1,4 +1,4 @@
-"""Upsampling (SPEC.md section 7): audio at any rate and channel count -> 44.1 kHz.
+"""Upsampling (docs/design.md section 7): audio at any rate and channel count -> 44.1 kHz.
 
 One signal [C, L] at rate sr goes through:
   1. cutoff: given, or estimated from the input spectrum (`band.estimate_cutoff`); at most sr / 2;

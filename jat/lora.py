@@ -1,4 +1,4 @@
-"""LoRA and QLoRA fine-tuning of a trained JaT (SPEC.md section 6).
+"""LoRA and QLoRA fine-tuning of a trained JaT (docs/design.md section 6).
 
 One adapter module, `LoRALinear`, wraps any frozen base linear, full precision (`lora` mode) or
 bitsandbytes NF4 with double quantization (`qlora` mode):

@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC.md section 8): log-spectral distance (whole, above and below the
+"""Evaluation metrics (docs/design.md section 8): log-spectral distance (whole, above and below the
 cutoff), scale-invariant SDR and the per-octave energy error above the cutoff, for a model output
 and, beside it, for two baselines that learn nothing.
 

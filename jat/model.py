@@ -1,4 +1,4 @@
-"""The JaT-AudioSR Diffusion Transformer (SPEC.md section 3), read top-down like the paper.
+"""The JaT-AudioSR Diffusion Transformer (docs/design.md section 3), read top-down like the paper.
 
     x_t [B, C, T] ─┐
                    ├─ concat on channels ─ patchify (p frames/token) ─ BottleneckPatchEmbed ─┐
@@ -64,7 +64,7 @@ def ada_ln(modulation: nn.Sequential, cond: torch.Tensor, dtype: torch.dtype) ->
 
 
 class TanhGELU(nn.Module):
-    """GELU with the tanh approximation (SPEC: MLP activation).
+    """GELU with the tanh approximation (docs/design.md section 3: MLP activation).
 
     Same function as nn.GELU(approximate="tanh"), through the identity 0.5·(1 + tanh(u)) = σ(2u):
     x·σ(2·sqrt(2/π)·(x + 0.044715·x³)). On CPU, ATen's tanh kernel is several times slower than its

@@ -1,4 +1,4 @@
-"""Flow matching against SPEC.md section 4: timesteps, loss, guidance and samplers."""
+"""Flow matching against docs/design.md section 4: timesteps, loss, guidance and samplers."""
 
 import math
 

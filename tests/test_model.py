@@ -1,4 +1,4 @@
-"""The DiT against SPEC.md section 3."""
+"""The DiT against docs/design.md section 3."""
 
 import pytest
 import torch

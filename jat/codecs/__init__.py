@@ -1,4 +1,4 @@
-"""Codecs: audio [B, 1, L] <-> latents [B, C, T] (SPEC.md section 2), and latent normalisation.
+"""Codecs: audio [B, 1, L] <-> latents [B, C, T] (docs/design.md section 2), and latent normalisation.
 
 Backends: `MDCTCodec` (weight-free, C = 512) and `DACCodec` (descript-audio-codec, C = 1024 for
 the 44 kHz model). Both run at 44.1 kHz with hop 512 and T = ceil(L / 512) frames, frame t

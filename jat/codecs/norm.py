@@ -1,4 +1,4 @@
-"""Per-channel latent normalisation (SPEC.md section 1), with its statistics gathered in one streaming pass.
+"""Per-channel latent normalisation (docs/design.md section 1), its statistics gathered in one pass.
 
 `LatentStats` accumulates per-channel count, mean and sum of squared deviations in float64 and
 merges batches with Chan et al.'s parallel update, which stays accurate when the mean is large
