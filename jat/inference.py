@@ -219,7 +219,8 @@ class Upsampler:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", ema: bool = True,
                         codec: Codec | None = None, precision: str = "auto",
-                        adapter: str | Path | None = None, **kwargs) -> Upsampler:
+                        adapter: str | Path | None = None, force_adapter: bool = False,
+                        **kwargs) -> Upsampler:
         """Load a checkpoint directory (or its weights.safetensors); EMA weights by default.
 
         `adapter` (an adapter file or a LoRA training checkpoint) goes on top of the checkpoint; a LoRA
@@ -228,7 +229,7 @@ class Upsampler:
         statistics or the codec do not fit the stored config. kwargs go to the constructor.
         """
         dev = pick_device(device)
-        model, cfg, base = load_inference_model(path, adapter, ema, dev)
+        model, cfg, base = load_inference_model(path, adapter, ema, dev, force=force_adapter)
         norm = LatentNorm.identity(cfg.model.in_channels)
         ckpt.load_checked(norm, ckpt.load_weights(base, "norm"), f"{base}: latent statistics")
         codec = codec or build_codec(cfg.codec)

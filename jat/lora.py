@@ -412,7 +412,8 @@ def check_adapter_base(adapter: str | Path, info: AdapterFile, base: str | Path,
     if info.base_sha256 != actual:
         msg = (f"{adapter}: adapter trained on another base: it records base {info.base or '?'} "
                f"(sha256 {info.base_sha256[:16]}...), not {base} (sha256 {actual[:16]}...); "
-               "give the base it was trained on, or force it (force=True, merge_lora.py --force)")
+               "give the base it was trained on, or force it (force=True, infer.py --force-adapter, "
+               "merge_lora.py --force)")
         if not force:
             raise ckpt.CheckpointError(msg)
         log.warning("%s: applied anyway (forced)", msg)

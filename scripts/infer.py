@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     ap.add_argument("--adapter", default=None, help="LoRA/QLoRA adapter (adapter.safetensors or a LoRA "
                     "training checkpoint) applied on top of --checkpoint")
+    ap.add_argument("--force-adapter", action="store_true", help="apply --adapter even though it records "
+                    "another base checkpoint than --checkpoint")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = latest_checkpoint(ckpt)
     try:
         up = Upsampler.from_checkpoint(ckpt, device=args.device, ema=not args.no_ema, adapter=args.adapter,
+                                       force_adapter=args.force_adapter,
                                        precision=args.precision, window_seconds=args.window,
                                        overlap_seconds=args.overlap, batch_size=args.batch_size)
     except (CheckpointError, ConfigError, RuntimeError, ValueError) as exc:

@@ -495,7 +495,8 @@ def test_adapter_is_refused_on_another_base_of_the_same_shapes(tmp_path, caplog)
         load_inference_model(base_b, adapter)
     assert str(err.value) == (f"{adapter}: adapter trained on another base: it records base {base_a} "
                               f"(sha256 {id_a[:16]}...), not {base_b} (sha256 {id_b[:16]}...); give the base "
-                              "it was trained on, or force it (force=True, merge_lora.py --force)")
+                              "it was trained on, or force it (force=True, infer.py --force-adapter, "
+                              "merge_lora.py --force)")
     caplog.set_level("WARNING")
     forced, _, _ = load_inference_model(base_b, adapter, force=True)
     assert "applied anyway (forced)" in caplog.text
@@ -511,6 +512,15 @@ def test_adapter_is_refused_on_another_base_of_the_same_shapes(tmp_path, caplog)
     assert not (tmp_path / "merged").exists()
     forced_dir = merge_checkpoint(base_b, tmp_path / "forced", adapter, force=True)
     assert (forced_dir / "weights.safetensors").is_file()
+    # the upsampler takes the same refusal and the same way past it
+    from jat.inference import Upsampler
+
+    with pytest.raises(ckpt.CheckpointError, match="adapter trained on another base"):
+        Upsampler.from_checkpoint(base_b, device="cpu", adapter=adapter, precision="fp32")
+    up = Upsampler.from_checkpoint(base_b, device="cpu", adapter=adapter, force_adapter=True,
+                                   precision="fp32")
+    with torch.no_grad():
+        assert torch.equal(up.model(*args), forced.eval()(*args))
 
 
 def test_a_file_that_is_no_adapter_is_a_checkpoint_error(tmp_path):
