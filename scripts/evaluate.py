@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from jat.audio import AudioError, list_audio_files
-from jat.checkpoint import CheckpointError
+from jat.checkpoint import CheckpointError, latest_checkpoint
 from jat.config import ConfigError
 from jat.evaluate import evaluate, markdown_table
 from jat.inference import Upsampler
@@ -59,7 +59,8 @@ def data_sets(specs: list[str], max_files: int | None = None) -> tuple[list[str]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", required=True, help="a ckpt-* directory, its weights.safetensors, or a "
+                    "run directory (its newest checkpoint)")
     ap.add_argument("--data", required=True, nargs="+", metavar="[NAME=]PATH",
                     help="folders (recursive) or manifests of HR audio, each optionally named")
     ap.add_argument("--cutoffs", nargs="+", type=float, default=[4000.0, 8000.0, 12000.0])
@@ -74,7 +75,10 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        up = Upsampler.from_checkpoint(args.checkpoint, device=args.device, adapter=args.adapter)
+        ckpt = Path(args.checkpoint)
+        if ckpt.is_dir() and not (ckpt / "weights.safetensors").exists() and latest_checkpoint(ckpt):
+            ckpt = latest_checkpoint(ckpt)  # a run directory: its newest checkpoint, as infer.py takes it
+        up = Upsampler.from_checkpoint(ckpt, device=args.device, adapter=args.adapter)
         files, categories = data_sets(args.data, args.max_files)
     except (CheckpointError, ConfigError, AudioError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
