@@ -118,12 +118,14 @@ class FlowMatching:
         # a full mask is passed as None: fused attention kernels need no mask, and a compiled model
         # sees no data-dependent branch
         model_mask = None if mask is None or bool(mask.all()) else mask
-        x_hat, env = self.predict_x(model, z_t, t, c, model_mask, return_envelope=True)  # [B, C, T]
+        trains_envelope = self.cfg.envelope_loss > 0
+        x_hat, env = self.predict_x(model, z_t, t, c, model_mask, return_envelope=True,
+                                    detach_envelope=trains_envelope)  # [B, C, T]
         denom = (1 - tb).clamp_min(self.cfg.t_eps)
         v = (x - z_t) / denom
         v_hat = (x_hat - z_t) / denom
         err = (v_hat - v).pow(2).mean(dim=1)  # [B, T]
-        if env is not None and env.shape[1] > 0 and self.cfg.envelope_loss > 0:
+        if env is not None and env.shape[1] > 0 and trains_envelope:
             err = err + self.cfg.envelope_loss * self.envelope_error(env, x, c, model_mask)
         if mask is None:
             per_example = err.mean(dim=1)  # [B]
@@ -136,7 +138,8 @@ class FlowMatching:
 
     # --- the network's output as a clean-latent estimate -------------------------------------------
     def predict_x(self, model: Denoiser, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
-                  mask: torch.Tensor | None = None, return_envelope: bool = False):
+                  mask: torch.Tensor | None = None, return_envelope: bool = False,
+                  detach_envelope: bool = False):
         """x̂ [B, C, T] for z [B, C, T] at times t [B], through the configured output parametrisation
         (with return_envelope: also the predicted log-envelope [B, bands, T], or None)."""
         out = model(z, t, c, mask).to(z.dtype)  # [B, C (+ bands), T]; bf16 under autocast -> z's dtype
@@ -144,7 +147,7 @@ class FlowMatching:
         if self.cfg.precondition == "none":
             return (out, None) if return_envelope else out
         F_, env = out[:, :C], out[:, C:]  # [B, C, T], [B, bands, T]
-        sigma = self.residual_scale(c, mask, env)  # [B, C, T]
+        sigma = self.residual_scale(c, mask, env.detach() if detach_envelope else env)  # [B, C, T]
         tb = t.view(-1, 1, 1).to(z.dtype)
         var = (tb * sigma).square() + (1 - tb).square()
         skip = tb * sigma.square() / var
@@ -154,21 +157,24 @@ class FlowMatching:
 
     def envelope_error(self, env: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:
-        """Squared error [B, T] of the predicted log-envelope env [B, E, T] against the clean latent's own
-        log-RMS on the same E bands, weighted by how absent each band is from the condition.
+        """Gaussian negative log-likelihood [B, T] of the clean latent's band power m under the predicted
+        log-envelope env [B, E, T] (σ = exp(e)), less its minimum, weighted by how absent each band is
+        from the condition: e + m exp(-2e) / 2 - (log m + 1) / 2 >= 0, zero at e = log(m) / 2.
 
         The flow loss alone teaches the envelope slowly: near t = 1 any σ fits (x̂ -> z_t / t), and the
-        U-shaped t distribution puts few examples where σ matters most. This direct target is there at
-        every step: σ = exp(e) is then the level of what the band holds, as the prior says.
+        U-shaped t distribution puts few examples where σ matters most; so the loss treats σ as given
+        (`loss` detaches it) and this term trains it at every step. A likelihood, not a squared error
+        of logs: under uncertainty it aims at the mean power, not the geometric mean below it, and an
+        underestimated σ is what costs most near t = 1.
         """
-        B, C, T = x.shape
         E = env.shape[1]
-        rms_x = F.adaptive_avg_pool1d(x.square().transpose(1, 2), E).transpose(1, 2)  # [B, E, T]
-        target = 0.5 * torch.log(rms_x + 1e-4)  # [B, E, T]
+        e = env.clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE)
+        m = F.adaptive_avg_pool1d(x.square().transpose(1, 2), E).transpose(1, 2) + 1e-4  # [B, E, T]
+        nll = e + 0.5 * m * torch.exp(-2 * e) - 0.5 * (torch.log(m) + 1)  # [B, E, T]
         sigma = self.residual_scale(c, mask, env[:, :0])[..., :1]  # [B, C, 1] base σ, no envelope
         absent = ((sigma - self.cfg.sigma_min) / (1 - self.cfg.sigma_min)).clamp(0, 1)  # [B, C, 1]
         w = F.adaptive_avg_pool1d(absent.transpose(1, 2), E).transpose(1, 2)  # [B, E, 1]
-        return ((env - target).square() * w).sum(1) / w.sum(1).clamp_min(1e-3)  # [B, T]
+        return (nll * w).sum(1) / w.sum(1).clamp_min(1e-3)  # [B, T]
 
     def residual_scale(self, c: torch.Tensor, mask: torch.Tensor | None, env: torch.Tensor) -> torch.Tensor:
         """σ [B, C, T] of the "band" prior: small where the condition carries a channel, 1 where it is
