@@ -157,9 +157,10 @@ class FlowMatching:
 
     def envelope_error(self, env: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:
-        """Gaussian negative log-likelihood [B, T] of the clean latent's band power m under the predicted
-        log-envelope env [B, E, T] (σ = exp(e)), less its minimum, weighted by how absent each band is
-        from the condition: e + m exp(-2e) / 2 - (log m + 1) / 2 >= 0, zero at e = log(m) / 2.
+        """Gaussian negative log-likelihood [B, T] of the clean latent's band power m under the generated
+        band's log-σ e = level + env (`band_prior`'s level, the predicted envelope env [B, E, T]), less
+        its minimum, weighted by how absent each band is from the condition:
+        e + m exp(-2e) / 2 - (log m + 1) / 2 >= 0, zero at e = log(m) / 2.
 
         The flow loss alone teaches the envelope slowly: near t = 1 any σ fits (x̂ -> z_t / t), and the
         U-shaped t distribution puts few examples where σ matters most; so the loss treats σ as given
@@ -168,33 +169,54 @@ class FlowMatching:
         underestimated σ is what costs most near t = 1.
         """
         E = env.shape[1]
-        e = env.clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE)
+        absent, level = self.band_prior(c, mask)  # [B, C, 1], [B, 1, T]
+        e = (level + env).clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE)  # [B, E, T] log σ of the generated band
         m = F.adaptive_avg_pool1d(x.square().transpose(1, 2), E).transpose(1, 2) + 1e-4  # [B, E, T]
         nll = e + 0.5 * m * torch.exp(-2 * e) - 0.5 * (torch.log(m) + 1)  # [B, E, T]
-        sigma = self.residual_scale(c, mask, env[:, :0])[..., :1]  # [B, C, 1] base σ, no envelope
-        absent = ((sigma - self.cfg.sigma_min) / (1 - self.cfg.sigma_min)).clamp(0, 1)  # [B, C, 1]
         w = F.adaptive_avg_pool1d(absent.transpose(1, 2), E).transpose(1, 2)  # [B, E, 1]
         return (nll * w).sum(1) / w.sum(1).clamp_min(1e-3)  # [B, T]
 
-    def residual_scale(self, c: torch.Tensor, mask: torch.Tensor | None, env: torch.Tensor) -> torch.Tensor:
-        """σ [B, C, T] of the "band" prior: small where the condition carries a channel, 1 where it is
-        empty, times exp of the predicted log-envelope env [B, bands, T] (bands may be 0)."""
+    def band_prior(self, c: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the condition c [B, C, T] says of the band it lacks: absent [B, C, 1] in [0, 1] per
+        channel, and the log-level [B, 1, T] per frame at which an empty channel is expected.
+
+        absent: the channel's RMS over the segment, below τ = band_threshold absent, above 3τ carried,
+        a linear ramp between (a resampler's stop-band leakage and the quietest carried channels
+        overlap a little; docs/quality.md). Level: the RMS of the carried channels in the octave below
+        the highest carried one, smoothed over 5 frames: in normalised units a band that continues
+        the condition's top octave at the same distance from the training set's average spectrum
+        (the noise fill's idea, in the latent domain). An example 20 dB quieter than average at the
+        top of its band is then generated 20 dB quieter, before the envelope refines it.
+        """
         B, C, T = c.shape
         c = c.to(torch.promote_types(c.dtype, torch.float32))
         if mask is None:
-            rms = c.square().mean(-1, keepdim=True).sqrt()  # [B, C, 1]
+            m = c.new_ones(B, 1, T)
         else:
             m = mask[:, None].to(c.dtype)  # [B, 1, T]
-            rms = ((c.square() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)).sqrt()
-        # absent below τ, carried above 3τ, a linear ramp between (the leakage floor of a resampler's
-        # stop band and the quietest carried bins overlap a little; docs/quality.md has the figures)
+        rms = ((c.square() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)).sqrt()
         tau = self.cfg.band_threshold
         absent = ((3 * tau - rms) / (2 * tau)).clamp(0, 1)  # [B, C, 1]
-        sigma = self.cfg.sigma_min + (1 - self.cfg.sigma_min) * absent  # [B, C, 1]
-        if env.shape[1] == 0:
-            return sigma.expand(B, C, T)
-        log_env = F.interpolate(env.to(c.dtype).transpose(1, 2), size=C, mode="linear", align_corners=False)
-        return sigma * log_env.transpose(1, 2).clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE).exp()  # [B, C, T]
+        k = torch.arange(C, device=c.device)  # [C]
+        carried = absent[..., 0] < 0.5  # [B, C]
+        edge = torch.where(carried, k, -1).amax(1)  # [B] highest carried channel (-1: none)
+        top = carried & (k[None] >= (edge[:, None] + 1) // 2)  # [B, C] its octave
+        power = (c.square() * top[..., None]).sum(1, keepdim=True) / top.sum(1).clamp_min(1)[:, None, None]
+        power = F.avg_pool1d(power, 5, 1, 2, count_include_pad=False)  # [B, 1, T]
+        level = torch.where(edge[:, None, None] >= 0, 0.5 * torch.log(power + 1e-6), 0.0)  # [B, 1, T]
+        return absent, level
+
+    def residual_scale(self, c: torch.Tensor, mask: torch.Tensor | None, env: torch.Tensor) -> torch.Tensor:
+        """σ [B, C, T] of the "band" prior: σ_min where the condition carries a channel; where it is
+        empty, exp(level + e) with `band_prior`'s level and the predicted log-envelope env [B, bands, T]
+        interpolated over the channels (e = 0 without bands)."""
+        B, C, T = c.shape
+        absent, level = self.band_prior(c, mask)  # [B, C, 1], [B, 1, T]
+        if env.shape[1]:
+            e = F.interpolate(env.to(level.dtype).transpose(1, 2), size=C, mode="linear", align_corners=False)
+            level = level + e.transpose(1, 2)  # [B, C, T]
+        generated = level.clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE).exp()  # [B, C or 1, T]
+        return (self.cfg.sigma_min * (1 - absent) + absent * generated).expand(B, C, T)
 
     @staticmethod
     def null_condition(c: torch.Tensor) -> torch.Tensor:
