@@ -79,6 +79,7 @@ class FlowConfig:
     precondition: Literal["none", "band"] = "none"  # output parametrisation (flow.py docstring)
     band_threshold: float = 0.1  # "band": condition RMS below this: channel absent; above 3x: carried
     sigma_min: float = 0.05  # "band": residual scale of the channels the condition carries
+    band_level: Literal["average", "condition"] = "average"  # "band": expected level of an empty channel
     envelope_loss: float = 1.0  # "band": weight of the envelope likelihood (flow.envelope_error); 0: none
 
 

@@ -185,8 +185,10 @@ class FlowMatching:
         overlap a little; docs/quality.md). Level: the RMS of the carried channels in the octave below
         the highest carried one, smoothed over 5 frames: in normalised units a band that continues
         the condition's top octave at the same distance from the training set's average spectrum
-        (the noise fill's idea, in the latent domain). An example 20 dB quieter than average at the
-        top of its band is then generated 20 dB quieter, before the envelope refines it.
+        (the noise fill's idea, in the latent domain; `flow.band_level: condition`), or 0, the
+        training set's average level (`average`, the default: the condition's top octave can be far
+        quieter than the band above it, as for a fricative above a 4 kHz cutoff, and an
+        underestimated σ costs up to 1 / t_eps² near t = 1: that run diverged, docs/quality.md).
         """
         B, C, T = c.shape
         c = c.to(torch.promote_types(c.dtype, torch.float32))
@@ -204,6 +206,8 @@ class FlowMatching:
         power = (c.square() * top[..., None]).sum(1, keepdim=True) / top.sum(1).clamp_min(1)[:, None, None]
         power = F.avg_pool1d(power, 5, 1, 2, count_include_pad=False)  # [B, 1, T]
         level = torch.where(edge[:, None, None] >= 0, 0.5 * torch.log(power + 1e-6), 0.0)  # [B, 1, T]
+        if self.cfg.band_level == "average":  # the training set's average level: log σ = 0
+            level = torch.zeros_like(level)
         return absent, level
 
     def residual_scale(self, c: torch.Tensor, mask: torch.Tensor | None, env: torch.Tensor) -> torch.Tensor:

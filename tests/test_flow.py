@@ -212,7 +212,7 @@ def test_band_keeps_the_conditions_band_and_bounds_the_loss_weight():
     fm = band_flow(sigma_min=0.05, band_threshold=0.1)
     C, T = 4, 64
     g = torch.Generator().manual_seed(1)
-    c = 2.0 * torch.randn(1, C, T, generator=g).sign()  # |c| = 2: carried channels 6 dB above average
+    c = torch.randn(1, C, T, generator=g).sign()  # |c| = 1: carried channels at the average level
     c[:, 2:] = 0  # channels 0-1 carried by the condition, 2-3 absent
     z = torch.randn(1, C, T, generator=g)
     # at t = 0 the estimate is the condition itself where the network says nothing
@@ -220,9 +220,8 @@ def test_band_keeps_the_conditions_band_and_bounds_the_loss_weight():
     torch.testing.assert_close(x0, c, rtol=0, atol=0)
     # F's weight in the velocity loss is o² / (1 - t)² = σ² / (t² σ² + (1 - t)²) <= 1 + σ²
     sigma = fm.residual_scale(c, None, torch.zeros(1, 0, T))[0, :, 0]  # [C]
-    # an empty channel is expected at the level of the condition's top octave (here 2), a carried one
-    # at σ_min
-    assert float(sigma[2]) == pytest.approx(2.0, rel=1e-5) and float(sigma[0]) == pytest.approx(0.05)
+    # an empty channel is expected at the training set's average level, a carried one at σ_min
+    assert float(sigma[2]) == pytest.approx(1.0, rel=1e-5) and float(sigma[0]) == pytest.approx(0.05)
     delta = 0.3
     for t in torch.linspace(0.02, 0.94, 24).tolist():  # below 1 - t_eps, where the loss is unclamped
         tt = torch.tensor([t])
@@ -345,7 +344,7 @@ def test_envelope_loss_is_a_likelihood_of_the_band_power_where_the_condition_is_
 def test_band_prior_level_follows_the_conditions_top_octave():
     """An empty band is expected at the level of the octave below the highest carried channel, per
     frame: a condition 9 dB quieter there gives a generated band 9 dB quieter."""
-    fm = band_flow()
+    fm, average = band_flow(band_level="condition"), band_flow()
     C, T = 16, 40
     c = torch.zeros(1, C, T)
     c[:, :8] = torch.randn(1, 8, T, generator=torch.Generator().manual_seed(5)).sign()  # carried 0-7
@@ -355,6 +354,7 @@ def test_band_prior_level_follows_the_conditions_top_octave():
     torch.testing.assert_close(level, torch.full((1, 1, T), math.log(0.35)), rtol=0, atol=1e-4)
     sigma = fm.residual_scale(c, None, torch.zeros(1, 0, T))
     torch.testing.assert_close(sigma[0, 8:], torch.full((8, T), 0.35), rtol=1e-4, atol=0)
+    assert float(average.band_prior(c, None)[1].abs().max()) == 0.0  # the default: the average level
     # a condition that carries nothing (dropout: all zeros) expects the training set's average level
     _, level0 = fm.band_prior(torch.zeros(1, C, T), None)
     assert float(level0.abs().max()) == 0.0
