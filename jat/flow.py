@@ -188,7 +188,7 @@ class FlowMatching:
         (the noise fill's idea, in the latent domain; `flow.band_level: condition`), or 0, the
         training set's average level (`average`, the default: the condition's top octave can be far
         quieter than the band above it, as for a fricative above a 4 kHz cutoff, and an
-        underestimated σ costs up to 1 / t_eps² near t = 1: that run diverged, docs/quality.md).
+        underestimated σ costs up to 1 / t_eps² near t = 1: that run was unstable, docs/quality.md).
         """
         B, C, T = c.shape
         c = c.to(torch.promote_types(c.dtype, torch.float32))
