@@ -23,11 +23,13 @@ s_k·(z_t - t·c) is E[r | z_t] under that prior: it carries z_t through whereve
 (the network cannot: its input bottleneck is far narrower than a token's 2·C·p values) and the
 condition's own band passes untouched (σ_k -> 0). o_k scales F so that the velocity loss weights
 every t about equally: F's weight in the loss, o_k² / (1-t)², is at most 1 + σ_k² at every t instead
-of growing as 1 / (1-t)². σ_k = (σ_min + (1 - σ_min)·absent_k)·exp(e_k): absent_k (in [0, 1]) from the
-condition's own RMS per channel over the segment (no cutoff needs to be known), e_k a per-frame
-log-envelope the network predicts on `model.envelope_bands` bands (extra output channels,
-interpolated over the C channels): the level of what is generated is set there, in a handful of
-numbers per frame, instead of by rescaling noise through the bottleneck.
+of growing as 1 / (1-t)². σ_k = σ_min·(1 - absent_k) + absent_k·exp(level + e_k): absent_k (in
+[0, 1]) from the condition's own RMS per channel over the segment (no cutoff needs to be known),
+level the expected log-level of an empty channel (`band_prior`), e_k a per-frame log-envelope on
+`model.envelope_bands` bands predicted from the condition alone (`jat.model.EnvelopeHead`),
+interpolated over the C channels and trained by a likelihood of the band power
+(`envelope_error`): the level of what is generated is set there, in a handful of numbers per
+frame, instead of by rescaling noise through the bottleneck.
 """
 
 from __future__ import annotations
