@@ -380,20 +380,25 @@ def _load_json(path: Path):
         return None
 
 
-def _write_atomic(path: Path, data: bytes) -> bool:
-    """Write data to path through a temporary file and a rename; False (nothing written) if unchanged."""
-    if path.is_file() and path.read_bytes() == data:
-        return False
+def _place(path: Path, fill) -> None:
+    """Create path through `fill(tmp)` on a temporary file beside it and a rename (no partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        fill(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_atomic(path: Path, data: bytes) -> bool:
+    """Write data to path through a temporary file and a rename; False (nothing written) if unchanged."""
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    _place(path, lambda tmp: Path(tmp).write_bytes(data))
     return True
 
 
@@ -405,16 +410,7 @@ def _copy_atomic(src: Path, dst: Path) -> bool:
     """Copy src to dst (temporary file + rename); False if dst already has src's size."""
     if dst.is_file() and dst.stat().st_size == src.stat().st_size:
         return False
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _place(dst, lambda tmp: shutil.copyfile(src, tmp))
     return True
 
 
