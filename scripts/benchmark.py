@@ -21,15 +21,15 @@ import time
 
 import torch
 
-from jat.benchmark import (
+from jat.codecs import build_codec, latent_frames
+from jat.config import CodecConfig
+from jat.evaluation.benchmark import (
     build,
     copy_bandwidth,
     matmul_peak,
     measure_inference,
     named_config,
 )
-from jat.codecs import build_codec, latent_frames
-from jat.config import CodecConfig
 
 
 def codec_decode_seconds(codec_name: str, seconds: float) -> float:
@@ -51,8 +51,9 @@ def codec_decode_seconds(codec_name: str, seconds: float) -> float:
 
 
 def run_case(*args, env: dict[str, str] | None = None) -> dict:
-    """A measurement of jat.benchmark in a fresh process (its own peak memory, no order effects)."""
-    proc = subprocess.run([sys.executable, "-m", "jat.benchmark", *map(str, args)], capture_output=True,
+    """A measurement of jat.evaluation.benchmark in a fresh process (own peak memory, no order effects)."""
+    proc = subprocess.run([sys.executable, "-m", "jat.evaluation.benchmark", *map(str, args)],
+                          capture_output=True,
                           text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark case {args} failed:\n{proc.stderr[-2000:]}")

@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from jat.corpus import PACKAGES, CorpusError, Criteria, build_corpus, select_packages, summary_rows
+from jat.data.corpus import PACKAGES, CorpusError, Criteria, build_corpus, select_packages, summary_rows
 
 
 def _table(rows: list[list[str]]) -> str:

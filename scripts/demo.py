@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The offline demo: synthesise a 6 s full-band clip, overfit the demo config on it, and upsample an
 8 kHz-band version of the same clip, scored beside the sinc-resampled input and the noise-fill
-baseline (jat/baselines.py) through the evaluation path. CPU, no downloads, a few minutes on 2 cores.
+baseline (jat/evaluation/baselines.py) through the evaluation path. CPU, no downloads, a few minutes on 2
+cores.
 
     python scripts/demo.py [--out runs/demo] [--steps N] [section.key=value ...]
 """
@@ -16,8 +17,8 @@ import time
 import torch
 
 from jat.config import Config, resolve_config_path
-from jat.overfit import format_metrics, overfit_clip, write_report
-from jat.synth import demo_clip
+from jat.data.synth import demo_clip
+from jat.train.overfit import format_metrics, overfit_clip, write_report
 
 
 def main() -> int:

@@ -8,7 +8,7 @@
 --data takes folders or manifests, each optionally named (NAME=PATH): named sets are also
 aggregated per name. Reports LSD-HF, LSD-LF (with and without low-frequency replacement),
 per-octave energy error and SI-SDR per file and in aggregate, beside the same metrics for the
-sinc-resampled input and for the noise-fill baseline (jat/baselines.py); prints a markdown table
+sinc-resampled input and for the noise-fill baseline (jat/evaluation/baselines.py); prints a markdown table
 and writes JSON and the table (OUT with .md).
 """
 
@@ -20,11 +20,11 @@ import logging
 import sys
 from pathlib import Path
 
-from jat.audio import AudioError, list_audio_files
-from jat.checkpoint import CheckpointError, latest_checkpoint
+from jat.checkpoint.store import CheckpointError, latest_checkpoint
 from jat.config import ConfigError
-from jat.evaluate import evaluate, markdown_table
-from jat.inference import Upsampler
+from jat.data.audio import AudioError, list_audio_files
+from jat.evaluation.evaluate import evaluate, markdown_table
+from jat.infer.upsampler import Upsampler
 
 
 def spread(files: list, n: int | None) -> list:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jat.audio import AudioError
-from jat.checkpoint import CheckpointError, latest_checkpoint
+from jat.checkpoint.store import CheckpointError, latest_checkpoint
 from jat.config import ConfigError
-from jat.infer_io import FORMATS, expand_inputs, plan, upsample_files
-from jat.inference import Upsampler
+from jat.data.audio import AudioError
+from jat.infer.files import FORMATS, expand_inputs, plan, upsample_files
+from jat.infer.upsampler import Upsampler
 
 MAX_USEFUL_STEPS = 256  # more sampler steps than this rarely change the result
 CFG_USUAL = (1.0, 10.0)  # guidance scales outside this range are rarely what was meant

@@ -12,7 +12,7 @@ import time
 import torch
 
 from jat.config import Config, resolve_config_path
-from jat.model import JaT, format_parameter_breakdown
+from jat.model.dit import JaT, format_parameter_breakdown
 
 
 def main() -> None:

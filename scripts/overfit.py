@@ -3,7 +3,7 @@
 
     python scripts/overfit.py --config small.yaml --audio clip.wav --duration 6 --steps 600
 
-Scores the output through the evaluation path (jat.evaluate.score_clip) beside the sinc-resampled
+Scores the output through the evaluation path (jat.evaluation.evaluate.score_clip) beside the sinc-resampled
 LR input and the noise-fill baseline, reports LSD against the codec's own reconstruction of the
 clip (the ceiling), and writes the audio, a spectrogram and metrics.json to --out.
 """
@@ -14,9 +14,9 @@ import argparse
 import logging
 import sys
 
-from jat.audio import AudioError, load_audio
 from jat.config import Config, ConfigError, resolve_config_path
-from jat.overfit import format_metrics, overfit_clip, write_report
+from jat.data.audio import AudioError, load_audio
+from jat.train.overfit import format_metrics, overfit_clip, write_report
 
 
 def main() -> int:

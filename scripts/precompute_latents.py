@@ -5,7 +5,7 @@
         [--versions 4] [--shard-size 128] [data.strict=true ...]
 
 Resumable: rerun the same command after an interruption and only unfinished shards are encoded.
-The logic lives in jat/precompute.py; the shard format is described in jat/data.py.
+The logic lives in jat/data/precompute.py; the shard format is described in jat/data/datasets.py.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from jat.audio import AudioError, list_audio_files
 from jat.codecs import CodecError, build_codec
 from jat.config import Config, ConfigError, resolve_config_path
-from jat.precompute import DTYPES, precompute
+from jat.data.audio import AudioError, list_audio_files
+from jat.data.precompute import DTYPES, precompute
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,13 +14,13 @@ import argparse
 import logging
 import sys
 
-from jat.audio import AudioError
-from jat.checkpoint import CheckpointError
+from jat.checkpoint.store import CheckpointError
 from jat.codecs import CodecError
 from jat.config import Config, ConfigError, resolve_config_path
-from jat.data import ShardError
-from jat.train import Trainer, TrainingError
-from jat.validation import Validator
+from jat.data.audio import AudioError
+from jat.data.datasets import ShardError
+from jat.train.trainer import Trainer, TrainingError
+from jat.train.validation import Validator
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jat.audio import AudioError, audio_info, list_audio_files, load_audio, resample, save_audio
+from jat.data.audio import AudioError, audio_info, list_audio_files, load_audio, resample, save_audio
 
 SR = 44100
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_load_errors_name_the_file_and_reason(tmp_path, make, reason):
 
 READ = """
 import sys
-from jat.audio import AudioError, audio_info, load_audio
+from jat.data.audio import AudioError, audio_info, load_audio
 for read in (audio_info, load_audio):
     try:
         read(sys.argv[1])
@@ -165,7 +165,7 @@ def test_temporary_file_carries_the_writers_pid(tmp_path, monkeypatch):
 
 
 def test_remove_stale_temps_only_removes_dead_writers_files(tmp_path):
-    from jat.audio import remove_stale_temps
+    from jat.data.audio import remove_stale_temps
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from jat.baselines import noise_fill
-from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
+from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
+from jat.evaluation.baselines import noise_fill
 
 SR = 44100
 

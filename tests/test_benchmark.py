@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jat.benchmark import RefJaT, forward_flops, measure_train, tokenwise_weights
-from jat.model import JaT, model_config
+from jat.evaluation.benchmark import RefJaT, forward_flops, measure_train, tokenwise_weights
+from jat.model.dit import JaT, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

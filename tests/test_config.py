@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from jat import yaml_loader
 from jat.config import RANGES, Config, ConfigError, resolve_config_path
-from jat.model import JaT, parameter_breakdown
+from jat.model.dit import JaT, parameter_breakdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

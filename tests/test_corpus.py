@@ -1,4 +1,5 @@
-"""jat.corpus: the bandwidth measure and the whole build over fake extracted packages (no apt, no network)."""
+"""jat.data.corpus: the bandwidth measure and the whole build over fake extracted packages
+(no apt, no network)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
-from jat import corpus
-from jat.audio import list_audio_files
-from jat.corpus import (
+from jat.data import corpus
+from jat.data.audio import list_audio_files
+from jat.data.corpus import (
     CorpusError,
     Criteria,
     Extracted,

@@ -1,4 +1,5 @@
-"""Tests of jat.data and jat.precompute: audio segments, bad files, latent shards, resumable precompute."""
+"""Tests of jat.data.datasets and jat.data.precompute: audio segments, bad files, latent shards,
+resumable precompute."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-import jat.precompute as pre
-from jat.audio import AudioError, load_audio
+import jat.data.precompute as pre
 from jat.codecs import LatentNorm, MDCTCodec
 from jat.config import DataConfig
-from jat.data import (
+from jat.data.audio import AudioError, load_audio
+from jat.data.datasets import (
     AudioSegmentDataset,
     LatentShardDataset,
     ShardError,
@@ -409,7 +410,7 @@ def test_precompute_script(tmp_path: Path, capsys: pytest.CaptureFixture):
 def test_training_segments_are_at_the_upsamplers_reference_level(audio_dir: Path):
     """The upsampler brings every input to REF_RMS_DBFS (`level_gain`); training pairs are brought
     there too, whatever the file's own level, so the model learns at the level it is used at."""
-    from jat.audio import PEAK_MAX, REF_RMS_DBFS
+    from jat.data.audio import PEAK_MAX, REF_RMS_DBFS
 
     target = 10 ** (REF_RMS_DBFS / 20)
     ds = AudioSegmentDataset(audio_dir, CFG)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jat.config import DataConfig
-from jat.degrade import (
+from jat.data.degrade import (
     FAMILIES,
     Degradation,
     apply_degradation,
@@ -22,7 +22,7 @@ from jat.degrade import (
     simulate_lowres,
     sinc_baseline,
 )
-from jat.synth import demo_clip
+from jat.data.synth import demo_clip
 
 SR = 44100
 

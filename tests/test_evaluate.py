@@ -13,13 +13,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from jat.baselines import noise_fill
-from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
-from jat.evaluate import METRICS, evaluate, markdown_table, score_clip
-from jat.inference import Upsampler
-from jat.metrics import evaluate_pair, lsd_split
-from jat.synth import demo_clip
-from jat.validation import Validator, make_clip
+from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
+from jat.data.synth import demo_clip
+from jat.evaluation.baselines import noise_fill
+from jat.evaluation.evaluate import METRICS, evaluate, markdown_table, score_clip
+from jat.evaluation.metrics import evaluate_pair, lsd_split
+from jat.infer.upsampler import Upsampler
+from jat.train.validation import Validator, make_clip
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_inference import make_checkpoint  # noqa: E402

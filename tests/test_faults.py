@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jat import checkpoint as ckpt
+from jat.checkpoint import store as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).parent / "train_worker.py"
@@ -86,7 +86,7 @@ def test_disk_full_during_checkpoint_keeps_previous_ones(tmp_path, monkeypatch):
     from train_worker import RandomLatents, make_config
 
     from jat.codecs import LatentNorm
-    from jat.train import Trainer
+    from jat.train.trainer import Trainer
 
     out = tmp_path / "run"
     trainer = Trainer(make_config(str(out), 2, 6), dataset=RandomLatents(), norm=LatentNorm.identity(512))
@@ -154,7 +154,7 @@ def test_audio_loader_never_crashes_on_odd_files(tmp_path_factory, case):
     import numpy as np
     import soundfile as sf
 
-    from jat.audio import AudioError, load_audio
+    from jat.data.audio import AudioError, load_audio
 
     rate, channels, frames, subtype, fmt, kind, data, cut = case
     path = tmp_path_factory.mktemp("odd") / f"x.{fmt.lower()}"
@@ -182,7 +182,7 @@ def test_disk_full_during_inference_keeps_existing_output(tmp_path, capsys, monk
     sys.path.insert(0, str(Path(__file__).parent))
     from test_inference import infer, make_checkpoint
 
-    from jat.synth import demo_clip
+    from jat.data.synth import demo_clip
 
     checkpoint = make_checkpoint(tmp_path / "ckpt")
     sf.write(tmp_path / "a.wav", demo_clip(0.5, 16000, seed=1), 16000)
@@ -196,9 +196,9 @@ def test_disk_full_during_inference_keeps_existing_output(tmp_path, capsys, monk
             raise OSError(28, "No space left on device")
         return real_write(file, *args, **kwargs)
 
-    import jat.audio
+    import jat.data.audio
 
-    monkeypatch.setattr(jat.audio.sf, "write", full_for_a)
+    monkeypatch.setattr(jat.data.audio.sf, "write", full_for_a)
     rc = infer.main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--checkpoint", str(checkpoint),
                      "--overwrite", "--steps", "2", "--device", "cpu", "-q"])
     err = capsys.readouterr().err
@@ -214,7 +214,7 @@ def test_disk_full_during_inference_keeps_existing_output(tmp_path, capsys, monk
 
 HOLD_LOCK = """
 import sys, time
-from jat.runlock import RunLock
+from jat.train.runlock import RunLock
 lock = RunLock(sys.argv[1])  # kept referenced: a RunLock that is garbage collected releases its lock
 lock.acquire()
 print("locked", flush=True)
@@ -240,7 +240,7 @@ def tiny_trainer(out: Path, steps: int = 6, resume: str | None = None, **extra):
     from train_worker import RandomLatents, make_config
 
     from jat.codecs import LatentNorm
-    from jat.train import Trainer
+    from jat.train.trainer import Trainer
 
     torch.manual_seed(0)
     return Trainer(make_config(str(out), 2, steps, **extra), dataset=RandomLatents(),
@@ -248,8 +248,8 @@ def tiny_trainer(out: Path, steps: int = 6, resume: str | None = None, **extra):
 
 
 def test_second_run_into_a_locked_folder_stops_naming_the_holder_and_writes_nothing(tmp_path, monkeypatch):
-    import jat.train
-    from jat.runlock import RunLockedError
+    import jat.train.trainer
+    from jat.train.runlock import RunLockedError
 
     out = tmp_path / "run"
     tiny_trainer(out).fit(until=3)  # a folder with a checkpoint and logs, as a real run leaves it
@@ -260,7 +260,7 @@ def test_second_run_into_a_locked_folder_stops_naming_the_holder_and_writes_noth
         def no_model(*args, **kwargs):
             raise AssertionError("the model was built before the lock was taken")
 
-        monkeypatch.setattr(jat.train, "JaT", no_model)
+        monkeypatch.setattr(jat.train.trainer, "JaT", no_model)
         with pytest.raises(RunLockedError) as err:
             tiny_trainer(out, resume="auto")
         msg = str(err.value)
@@ -288,7 +288,7 @@ def test_run_lock_of_a_killed_run_is_free_at_once(tmp_path):
 def test_fit_releases_the_lock_and_a_later_trainer_in_the_process_takes_it(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    take = "import sys; from jat.runlock import RunLock; RunLock(sys.argv[1]).acquire()"
+    take = "import sys; from jat.train.runlock import RunLock; RunLock(sys.argv[1]).acquire()"
     probe = [sys.executable, "-c", take, str(out)]
     trainer = tiny_trainer(out)
     taken = subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -344,7 +344,7 @@ def flip_byte(path: Path, key: str) -> None:
 
 
 def test_flipped_byte_in_ema_weights_is_refused_naming_the_file(tmp_path):
-    from jat.lora import load_inference_model
+    from jat.model.lora import load_inference_model
 
     out = tmp_path / "run"
     tiny_trainer(out).fit(until=3)
@@ -395,9 +395,9 @@ FILE_TOO_LARGE = """
 import resource, signal, sys
 sys.path.insert(0, sys.argv[2])
 from train_worker import RandomLatents, make_config
-from jat.checkpoint import CheckpointError
+from jat.checkpoint.store import CheckpointError
 from jat.codecs import LatentNorm
-from jat.train import Trainer
+from jat.train.trainer import Trainer
 
 out = sys.argv[1]
 trainer = Trainer(make_config(out, 2, 6), dataset=RandomLatents(), norm=LatentNorm.identity(512))

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from scipy import stats
 
 from jat.config import FlowConfig
-from jat.flow import FlowMatching, u_shaped_cdf
-from jat.model import JaT, model_config
+from jat.model.dit import JaT, model_config
+from jat.model.flow import FlowMatching, u_shaped_cdf
 
 
 def test_u_shaped_sampler_matches_analytic_cdf():

@@ -16,17 +16,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from jat import checkpoint as ckpt
-from jat.audio import AudioError, resample
-from jat.band import estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
+from jat.checkpoint import store as ckpt
 from jat.codecs import LatentNorm, MDCTCodec
 from jat.config import Config
-from jat.degrade import Degradation, apply_degradation
-from jat.flow import FlowMatching
-from jat.infer_io import plan, write_output
-from jat.inference import Upsampler, frame_noise, window_ranges, window_weights
-from jat.model import JaT
-from jat.synth import demo_clip, harmonic_tone
+from jat.data.audio import AudioError, resample
+from jat.data.degrade import Degradation, apply_degradation
+from jat.data.synth import demo_clip, harmonic_tone
+from jat.infer.band import estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
+from jat.infer.files import plan, write_output
+from jat.infer.upsampler import Upsampler, frame_noise, window_ranges, window_weights
+from jat.model.dit import JaT
+from jat.model.flow import FlowMatching
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 44100
@@ -496,11 +496,11 @@ def test_script_end_to_end_as_a_user_runs_it(tmp_path, checkpoint):
 
 
 def test_upsampler_tunes_the_cpu_runtime_after_casting_its_model(monkeypatch):
-    import jat.inference
+    import jat.infer.upsampler
 
     seen = []
     model = JaT(Config.from_yaml(ROOT / "configs" / "tiny.yaml").model)
-    monkeypatch.setattr(jat.inference, "tune_cpu_runtime",
+    monkeypatch.setattr(jat.infer.upsampler, "tune_cpu_runtime",
                         lambda: seen.append(model.patch_embed.proj1.weight.dtype) or {})
     plain(model, 2.0, precision="bf16")
     assert seen == [torch.bfloat16]  # once, with the weights already in their final dtype
@@ -525,7 +525,7 @@ def test_unusable_output_dir_is_refused_before_the_checkpoint_is_loaded(tmp_path
     assert list(locked.iterdir()) == []  # the probe left nothing behind
 
 
-PLAN_ERRORS = "import sys; from pathlib import Path; from jat.infer_io import plan; " \
+PLAN_ERRORS = "import sys; from pathlib import Path; from jat.infer.files import plan; " \
               "print(plan([(Path(a), None) for a in sys.argv[1:]])[1])"
 
 
@@ -550,7 +550,7 @@ def test_output_folders_are_checked_and_created_in_planning(tmp_path):
 
 
 def test_non_finite_output_names_the_network_not_the_file(tmp_path, capsys, checkpoint, monkeypatch):
-    from jat.inference import UpsampleError
+    from jat.infer.upsampler import UpsampleError
 
     load = Upsampler.from_checkpoint
 
@@ -647,7 +647,7 @@ def test_killed_writers_leftovers_are_removed_in_planning(tmp_path, capsys, chec
 STUCK_WRITER = """
 import sys, time, numpy, soundfile
 from pathlib import Path
-from jat.audio import save_audio
+from jat.data.audio import save_audio
 
 def stuck(file, *args, **kwargs):  # half a file written, then the process hangs until it is killed
     Path(file).write_bytes(b"RIFF half a header")

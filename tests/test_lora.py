@@ -1,4 +1,4 @@
-"""LoRA / QLoRA (jat/lora.py): identity at step 0, frozen base, PEFT parity, adapter files, merging,
+"""LoRA / QLoRA (jat/model/lora.py): identity at step 0, frozen base, PEFT parity, adapter files, merging,
 reload in a new process, and a tiny QLoRA fine-tune."""
 
 import copy
@@ -15,11 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from jat import checkpoint as ckpt
+from jat.checkpoint import store as ckpt
 from jat.codecs import LatentNorm
 from jat.config import Config, FlowConfig, LoraConfig
-from jat.flow import FlowMatching
-from jat.lora import (
+from jat.model.dit import JaT, model_config
+from jat.model.flow import FlowMatching
+from jat.model.lora import (
     LoRALinear,
     adapter_state_dict,
     apply_adapter_file,
@@ -37,7 +38,6 @@ from jat.lora import (
     quantize_linear,
     save_adapter,
 )
-from jat.model import JaT, model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANT_WORDS = ("absmax", "quant_map", "quant_state", "nested")
@@ -122,7 +122,7 @@ def test_qlora_equals_base_with_dequantized_nf4_block_linears():
 
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
 def test_only_adapters_get_gradients_and_change(mode):
-    from jat.train import build_optimizer
+    from jat.train.trainer import build_optimizer
 
     model = apply_lora(tiny_base(), lcfg(mode, temporal=True))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -301,7 +301,7 @@ def test_base_plus_adapter_reproduces_outputs_bit_for_bit_in_new_process(tmp_pat
     code = textwrap.dedent(f"""
         import sys, torch
         from safetensors.torch import load_file
-        from jat.lora import load_inference_model
+        from jat.model.lora import load_inference_model
         io = load_file({str(tmp_path / "io.safetensors")!r})
         model, cfg, base = load_inference_model({str(base_dir)!r}, {str(adapter)!r})
         assert cfg.lora.mode == "qlora" and cfg.lora.temporal_adapter
@@ -403,7 +403,7 @@ def test_tiny_qlora_finetune_lowers_validation_loss_on_new_clip():
 
 @pytest.mark.slow
 def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog):
-    import jat.train
+    from jat.train.trainer import Trainer
 
     sys.path.insert(0, str(Path(__file__).parent))
     from train_worker import RandomLatents, make_config
@@ -413,8 +413,8 @@ def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog
             "lora.temporal_dim": 16, "train.init_from": str(base_dir)}
     norm = LatentNorm.identity(512)
     caplog.set_level("INFO")
-    trainer = jat.train.Trainer(make_config(str(tmp_path / "run"), 4, 4, **lora), dataset=RandomLatents(),
-                                norm=norm)
+    trainer = Trainer(make_config(str(tmp_path / "run"), 4, 4, **lora), dataset=RandomLatents(),
+                      norm=norm)
     trainer.fit()
     assert "trainable" in caplog.text and "frozen weights hold" in caplog.text
     model = trainer.acc.unwrap_model(trainer.model)
@@ -433,8 +433,8 @@ def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog
     assert set(load_adapter_file(adapter_file)[0]) == adapter_keys
 
     # resume from step 3 reproduces the uninterrupted run's adapter exactly
-    resumed = jat.train.Trainer(make_config(str(tmp_path / "run"), 4, 4, **lora), dataset=RandomLatents(),
-                                norm=norm, resume=str(tmp_path / "run" / "ckpt-00000003"))
+    resumed = Trainer(make_config(str(tmp_path / "run"), 4, 4, **lora), dataset=RandomLatents(),
+                      norm=norm, resume=str(tmp_path / "run" / "ckpt-00000003"))
     resumed.fit()
     final = adapter_state_dict(resumed.acc.unwrap_model(resumed.model))
     assert all(torch.equal(v, final[k]) for k, v in adapter_state_dict(model).items())
@@ -457,7 +457,7 @@ def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog
 
 @pytest.mark.slow
 def test_upsampler_loads_base_plus_adapter(tmp_path):
-    from jat.inference import Upsampler
+    from jat.infer.upsampler import Upsampler
 
     base_dir, _, model, adapter = _adapted_base(tmp_path, seed=4)
     up = Upsampler.from_checkpoint(base_dir, device="cpu", adapter=adapter, precision="fp32")
@@ -513,7 +513,7 @@ def test_adapter_is_refused_on_another_base_of_the_same_shapes(tmp_path, caplog)
     forced_dir = merge_checkpoint(base_b, tmp_path / "forced", adapter, force=True)
     assert (forced_dir / "weights.safetensors").is_file()
     # the upsampler takes the same refusal and the same way past it
-    from jat.inference import Upsampler
+    from jat.infer.upsampler import Upsampler
 
     with pytest.raises(ckpt.CheckpointError, match="adapter trained on another base"):
         Upsampler.from_checkpoint(base_b, device="cpu", adapter=adapter, precision="fp32")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from jat.baselines import noise_fill
-from jat.degrade import Degradation, apply_degradation
-from jat.metrics import (
+from jat.data.degrade import Degradation, apply_degradation
+from jat.evaluation.baselines import noise_fill
+from jat.evaluation.metrics import (
     evaluate_pair,
     lsd,
     lsd_split,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jat.model import JaT, RotaryEmbedding, model_config, parameter_breakdown
+from jat.model.dit import JaT, RotaryEmbedding, model_config, parameter_breakdown
 
 torch.manual_seed(0)
 
@@ -178,7 +178,7 @@ def test_no_repeated_kv_in_either_backend(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, spy)
     q, k, v = torch.randn(2, 8, 10, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 16)
-    from jat.model import grouped_query_attention
+    from jat.model.dit import grouped_query_attention
 
     a = grouped_query_attention(q, k, v, backend="grouped")
     b = grouped_query_attention(q, k, v, backend="sdpa")
@@ -186,7 +186,7 @@ def test_no_repeated_kv_in_either_backend(monkeypatch):
 
 
 def test_tanh_gelu_matches_aten_forward_and_backward():
-    from jat.model import TanhGELU
+    from jat.model.dit import TanhGELU
 
     x = torch.cat([torch.linspace(-12, 12, 4001), 3 * torch.randn(4000)]).requires_grad_()
     y = TanhGELU()(x)

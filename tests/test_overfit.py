@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from jat.config import Config
-from jat.overfit import format_metrics, overfit_clip
-from jat.synth import demo_clip
+from jat.data.synth import demo_clip
+from jat.train.overfit import format_metrics, overfit_clip
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jat.synth import demo_clip
+from jat.data.synth import demo_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 

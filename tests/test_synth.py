@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from jat import synth
-from jat.plots import spectrogram_figure, spectrogram_image
+from jat.data import synth
+from jat.evaluation.plots import spectrogram_figure, spectrogram_image
 
 SR = 44100
 

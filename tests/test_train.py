@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jat import checkpoint as ckpt
+from jat.checkpoint import store as ckpt
 from jat.codecs import LatentNorm
 from jat.config import Config
-from jat.model import JaT, model_config
-from jat.optim import EMA, build_optimizer, lr_lambda
-from jat.train import StepBatches, Trainer
+from jat.model.dit import JaT, model_config
+from jat.train.optim import EMA, build_optimizer, lr_lambda
+from jat.train.trainer import StepBatches, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import RandomLatents, make_config  # noqa: E402
@@ -130,7 +130,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     cfg = make_config(str(tmp_path / "bad"), 2, 20, **{"train.max_bad_steps": 3})
     trainer = Trainer(cfg, dataset=Poisoned(), norm=LatentNorm.identity(512))
     before = {k: v.clone() for k, v in trainer.acc.unwrap_model(trainer.model).state_dict().items()}
-    from jat.train import TrainingError
+    from jat.train.trainer import TrainingError
 
     with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
         trainer.fit()
@@ -192,10 +192,10 @@ def test_compiled_model_trains_and_checkpoints_plain_names(tmp_path):
 
 
 def test_fit_tunes_the_cpu_runtime_once_set_up(tmp_path, monkeypatch):
-    import jat.train
+    import jat.train.trainer
 
     calls = []
-    monkeypatch.setattr(jat.train, "tune_cpu_runtime", lambda: calls.append("tuned") or {})
+    monkeypatch.setattr(jat.train.trainer, "tune_cpu_runtime", lambda: calls.append("tuned") or {})
     _run(tmp_path / "run", 2, 1)
     assert calls == ["tuned"]  # at the start of fit, after the model, optimizer and data are built
 
@@ -242,7 +242,7 @@ def _nan_checkpoint(root):
 
 
 def test_non_finite_weights_are_refused_for_inference_and_init_from(tmp_path):
-    from jat.lora import load_inference_model
+    from jat.model.lora import load_inference_model
 
     path = _nan_checkpoint(tmp_path / "nan")
     msg = f"{path / 'weights.safetensors'}: tensor ema.blocks.0.attn.q.weight holds non-finite values"
@@ -254,7 +254,7 @@ def test_non_finite_weights_are_refused_for_inference_and_init_from(tmp_path):
 
 
 def test_weights_that_became_non_finite_are_never_saved(tmp_path):
-    from jat.train import TrainingError
+    from jat.train.trainer import TrainingError
 
     out = tmp_path / "run"
     trainer = Trainer(make_config(str(out), 2, 20, **{"train.max_bad_steps": 2}), dataset=RandomLatents(),

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from jat.codecs import LatentNorm
 from jat.config import Config
-from jat.train import Trainer
+from jat.train.trainer import Trainer
 
 C, T = 512, 24
 
@@ -62,7 +62,7 @@ def make_config(out: str, batch: int, steps: int, **extra) -> Config:
 
 
 def slow_down_saves(seconds: float) -> None:
-    from jat import checkpoint as ckpt
+    from jat.checkpoint import store as ckpt
 
     for name in ("write_main", "write_rng", "finish_save"):
         real = getattr(ckpt, name)

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import torch
 
-from jat.audio import resample, resampled_length
-from jat.degrade import detect_cutoff
+from jat.data.audio import resample, resampled_length
+from jat.data.degrade import detect_cutoff
 
 SR = 44100
 LFR_START = 0.9  # low-frequency replacement: input only below LFR_START * cutoff, model only above cutoff

@@ -35,7 +35,7 @@ import scipy.optimize
 import scipy.signal
 import torch
 
-from jat.audio import RESAMPLE_ROLLOFF, resample
+from jat.data.audio import RESAMPLE_ROLLOFF, resample
 from jat.config import DataConfig
 
 log = logging.getLogger(__name__)

@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jat import checkpoint as ckpt
-from jat.audio import AudioError, level_gain, restore_level
-from jat.band import SR, estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
+from jat.checkpoint import store as ckpt
 from jat.codecs import Codec, LatentNorm, build_codec
 from jat.config import Config
-from jat.flow import Denoiser, FlowMatching
-from jat.lora import load_inference_model
-from jat.model import cast_linears_
+from jat.data.audio import AudioError, level_gain, restore_level
+from jat.infer.band import SR, estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
+from jat.model.dit import cast_linears_
+from jat.model.flow import Denoiser, FlowMatching
+from jat.model.lora import load_inference_model
 from jat.runtime import tune_cpu_runtime
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ processes channels as a batch. Mixing channels down could cancel out-of-phase co
 Randomness is a function of (seed, epoch, index) only (`example_rng`), so a resumed run that calls
 `set_epoch` sees the same data, whatever the worker count.
 
-Latent shard format (written by `jat.precompute`, read by `LatentShardDataset`), in one folder:
+Latent shard format (written by `jat.data.precompute`, read by `LatentShardDataset`), in one folder:
 
   shard-00000.safetensors, shard-00001.safetensors, ...   N rows each (N may differ, even be 0)
     hr      [N, C, T]     float16   HR latents of N fixed-length segments (T = num_frames(segment))
@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
-from jat.audio import (
+from jat.data.audio import (
     RESAMPLE_WIDTH,
     AudioError,
     audio_info,
@@ -55,7 +55,7 @@ from jat.audio import (
     resampled_length,
 )
 from jat.config import DataConfig
-from jat.degrade import simulate_lowres
+from jat.data.degrade import simulate_lowres
 
 log = logging.getLogger(__name__)
 

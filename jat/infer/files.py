@@ -22,7 +22,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from jat.audio import (
+from jat.data.audio import (
     AUDIO_EXTENSIONS,
     AudioError,
     audio_info,
@@ -32,7 +32,7 @@ from jat.audio import (
     save_audio,
     temp_path,
 )
-from jat.inference import SR, Progress, Upsampler, UpsampleResult, check_signal
+from jat.infer.upsampler import SR, Progress, Upsampler, UpsampleResult, check_signal
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def write_output(path: Path, audio: torch.Tensor, subtype: str, overwrite: bool 
 def write_plot(path: Path, result: UpsampleResult, overwrite: bool = False,
                seconds: float = PLOT_SECONDS) -> Path:
     """Spectrogram PNG of input (at 44.1 kHz) and output, side by side, of at most `seconds` of audio."""
-    from jat.plots import spectrogram_figure
+    from jat.evaluation.plots import spectrogram_figure
 
     n = round(seconds * SR)
     fig = spectrogram_figure({"input": result.input[:, :n], "output": result.audio[:, :n]}, SR)

@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from jat.checkpoint import CheckpointError
+from jat.checkpoint.store import CheckpointError
 
 LOCK_NAME = ".lock"
 _held: dict[str, list[int]] = {}  # real folder path -> [descriptor, holders in this process]

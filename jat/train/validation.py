@@ -1,5 +1,6 @@
 """In-training validation: upsample fixed LR clips with the EMA weights through the one scoring path
-(`jat.evaluate.score_clip`: the shipped windowed upsampler, then low-frequency replacement) and score
+(`jat.evaluation.evaluate.score_clip`: the shipped windowed upsampler, then low-frequency replacement)
+and score
 them beside the sinc-resampled input and the noise-fill baseline; log audio and spectrograms to
 TensorBoard.
 
@@ -18,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jat.audio import list_audio_files, load_audio
-from jat.band import SR
 from jat.config import Config
-from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
-from jat.evaluate import ClipScore, score_clip
-from jat.inference import Upsampler
-from jat.plots import spectrogram_image
+from jat.data.audio import list_audio_files, load_audio
+from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
+from jat.evaluation.evaluate import ClipScore, score_clip
+from jat.evaluation.plots import spectrogram_image
+from jat.infer.band import SR
+from jat.infer.upsampler import Upsampler
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Pre-encode audio into latent shards (format: see `jat.data`) so training never runs the codec.
+"""Pre-encode audio into latent shards (format: see `jat.data.datasets`) so training never runs the codec.
 
 The work plan is a pure function of the sorted file list and the settings: every file's channels are
 cut into fixed segments (the last one right-padded, a whole short clip padded; a tail shorter than
@@ -31,11 +31,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from jat.audio import AudioError, load_audio
+from jat.data.audio import AudioError, load_audio
 from jat.codecs.base import Codec
 from jat.codecs.norm import LatentNorm, LatentStats
 from jat.config import DataConfig
-from jat.data import (
+from jat.data.datasets import (
     SHARD_FORMAT,
     SHARD_GLOB,
     SHARD_KEYS,
@@ -46,7 +46,7 @@ from jat.data import (
     scan_audio_files,
     shard_metadata,
 )
-from jat.degrade import simulate_lowres
+from jat.data.degrade import simulate_lowres
 
 log = logging.getLogger(__name__)
 

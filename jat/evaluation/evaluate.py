@@ -1,13 +1,13 @@
 """Evaluation: degrade HR files at fixed cutoffs with a recorded protocol, upsample, score.
 
-`score_clip` is the one scoring path: evaluation, in-training validation (jat/validation.py) and the
-overfit check (jat/overfit.py) all go through it. It runs the shipped windowed path once,
+`score_clip` is the one scoring path: evaluation, in-training validation (jat/train/validation.py) and the
+overfit check (jat/train/overfit.py) all go through it. It runs the shipped windowed path once,
 `Upsampler.upsample(..., lfr=False)`, applies the low-frequency replacement itself, and scores:
 
 * the output with low-frequency replacement (what users get: the headline figures),
 * the output's band below the cutoff *without* it (`lsd_lf_no_lfr`: does the network itself keep
   what it was given?),
-* the sinc-resampled input and the noise fill (jat/baselines.py), the baseline that matters.
+* the sinc-resampled input and the noise fill (jat/evaluation/baselines.py), the baseline that matters.
 
 Every model figure stands beside the same figure for both baselines.
 """
@@ -23,21 +23,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jat.audio import AudioError, load_audio
-from jat.band import SR, low_frequency_replace
-from jat.baselines import noise_fill
-from jat.degrade import EVAL_FILTER, Degradation, apply_degradation
-from jat.inference import Upsampler
-from jat.metrics import PAIR_METRICS, WHO, OctaveError, evaluate_pair, lsd_split, octave_energy_error
+from jat.data.audio import AudioError, load_audio
+from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
+from jat.evaluation.baselines import noise_fill
+from jat.evaluation.metrics import (
+    PAIR_METRICS,
+    WHO,
+    OctaveError,
+    evaluate_pair,
+    lsd_split,
+    octave_energy_error,
+)
+from jat.infer.band import SR, low_frequency_replace
+from jat.infer.upsampler import Upsampler
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = {"filter": EVAL_FILTER[0], "order": EVAL_FILTER[1], "phase": "zero (sosfiltfilt)",
             "resampler": "torchaudio sinc (Kaiser), through 2 x cutoff rounded up to 100 Hz",
             "channels": "each channel scored separately, then averaged", "sample_rate": SR,
-            "inference": "Upsampler.upsample (windows), then jat.band.low_frequency_replace; "
+            "inference": "Upsampler.upsample (windows), then jat.infer.band.low_frequency_replace; "
                          "lsd_lf_no_lfr scores the same output before the replacement",
-            "baselines": "sinc: the LR input; fill: jat.baselines.noise_fill (seeded)"}
+            "baselines": "sinc: the LR input; fill: jat.evaluation.baselines.noise_fill (seeded)"}
 # per-row float figures that are averaged: model and baselines side by side, then the model's extras
 METRICS = tuple(f"{m}_{who}" for m in PAIR_METRICS for who in WHO) + ("lsd_lf_no_lfr", "rtf")
 

@@ -26,12 +26,13 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, Dataset
 
-from jat import checkpoint as ckpt
+from jat.checkpoint import store as ckpt
 from jat.codecs import LatentNorm, LatentStats, build_codec, latent_frames
 from jat.config import Config, ConfigError
-from jat.data import AudioSegmentDataset, LatentShardDataset, collate
-from jat.flow import FlowMatching, FlowNoise
-from jat.lora import (
+from jat.data.datasets import AudioSegmentDataset, LatentShardDataset, collate
+from jat.model.dit import JaT
+from jat.model.flow import FlowMatching, FlowNoise
+from jat.model.lora import (
     adapter_state_dict,
     apply_lora,
     format_lora_report,
@@ -39,10 +40,9 @@ from jat.lora import (
     lora_report,
     save_adapter,
 )
-from jat.model import JaT
-from jat.optim import EMA, build_optimizer, lr_lambda
-from jat.runlock import RunLock
 from jat.runtime import tune_cpu_runtime
+from jat.train.optim import EMA, build_optimizer, lr_lambda
+from jat.train.runlock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Trainer:
     `dataset` may be given directly (a Dataset of dict(x, c, mask) latents or dict(hr, lr, mask)
     audio); `norm` likewise (else it comes from the latent shards or is estimated from audio).
 
-    The output folder is locked (jat/runlock.py) before anything is built: a second run into it
+    The output folder is locked (jat/train/runlock.py) before anything is built: a second run into it
     stops with RunLockedError. `fit` releases the lock when it ends (and takes it again when called
     again); `close()` releases it for a Trainer that is not fitted.
     """

@@ -6,14 +6,14 @@ below 16 kHz; `measure_bandwidth`), copies the kept files unchanged into OUT/<sp
 per-package cap on minutes shared fairly between the package's categories (`apply_cap`: a package with
 an hour of music and ten minutes of speech keeps all the speech), and writes the manifests
 (OUT/train.txt, OUT/heldout.txt, OUT/heldout-<category>.txt, one path per line relative to OUT, as
-`jat.audio.list_audio_files` reads them) and OUT/corpus.json (version, licence, split, counts,
+`jat.data.audio.list_audio_files` reads them) and OUT/corpus.json (version, licence, split, counts,
 minutes, sample rates per package).
 
 Every step is cached under OUT/cache and every file is written atomically (a temporary file, then
 a rename), the manifests last: a second run with the same arguments changes nothing, and an
 interrupted run is finished by the next one. Nothing here prints; progress goes to `logging`.
 
-Bandwidth: `jat.degrade.detect_cutoff` looks for the *cliff* a resampler or codec leaves and calls a
+Bandwidth: `jat.data.degrade.detect_cutoff` looks for the *cliff* a resampler or codec leaves and calls a
 gradual roll-off full band, which is what degradation needs; here a recording whose spectrum
 merely fades out (a dull microphone, a soft synth) must be rejected too, so the corpus uses the
 plain measure below: the highest frequency still within 70 dB of the level of the 200 Hz - 4 kHz

@@ -37,9 +37,9 @@ from einops import rearrange
 from safetensors import safe_open
 from torch import nn
 
-from jat import checkpoint as ckpt
+from jat.checkpoint import store as ckpt
 from jat.config import Config, LoraConfig
-from jat.model import DiTBlock, JaT
+from jat.model.dit import DiTBlock, JaT
 
 ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "dw_conv", "pw_conv", "gamma"})  # names of trainable parts
 QUANT_KEY_PARTS = ("absmax", "quant_map", "quant_state", "nested_")  # bitsandbytes state-dict entries

@@ -19,8 +19,8 @@ from torch import nn
 
 from jat.codecs import latent_frames
 from jat.config import FlowConfig, ModelConfig
-from jat.flow import FlowMatching
-from jat.model import JaT, cast_linears_
+from jat.model.dit import JaT, cast_linears_
+from jat.model.flow import FlowMatching
 from jat.runtime import tune_cpu_runtime
 
 # --- yardsticks --------------------------------------------------------------------------------
@@ -267,8 +267,8 @@ def finetune_step(mode: str, preset: str = "v2", batch: int = 2, seconds: float 
     """One training step of full fine-tuning, LoRA or QLoRA (r 16 on q, k, v, out, fc1, fc2); call it
     in a fresh process: peak memory is the process's, from before the model is built."""
     from jat.config import LoraConfig
-    from jat.lora import apply_lora, lora_report
-    from jat.model import model_config
+    from jat.model.dit import model_config
+    from jat.model.lora import apply_lora, lora_report
 
     cfg = model_config(preset)
     with PeakRSS() as mem:

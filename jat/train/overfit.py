@@ -2,8 +2,9 @@
 
 It proves a set-up learns: the output must approach the codec's own reconstruction of the HR clip
 (the ceiling) and beat, by a wide margin, both the sinc-resampled LR input and the noise fill
-(jat/baselines.py; the baseline that matters). The clip is scored through the same path as
-evaluation and validation, `jat.evaluate.score_clip`; metrics holds its keys (see jat/metrics.py).
+(jat/evaluation/baselines.py; the baseline that matters). The clip is scored through the same path as
+evaluation and validation, `jat.evaluation.evaluate.score_clip`; metrics holds its keys (see
+jat/evaluation/metrics.py).
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from jat.audio import level_gain
-from jat.band import SR
 from jat.codecs import LatentStats, build_codec
 from jat.config import Config
-from jat.evaluate import score_clip
-from jat.inference import Upsampler
-from jat.metrics import lsd
-from jat.train import Trainer
-from jat.validation import make_clip
+from jat.data.audio import level_gain
+from jat.evaluation.evaluate import score_clip
+from jat.evaluation.metrics import lsd
+from jat.infer.band import SR
+from jat.infer.upsampler import Upsampler
+from jat.train.trainer import Trainer
+from jat.train.validation import make_clip
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ def write_report(result: OverfitResult, out_dir, names: dict[str, str] | None = 
     import json
     from pathlib import Path
 
-    from jat.audio import save_audio
-    from jat.plots import spectrogram_figure
+    from jat.data.audio import save_audio
+    from jat.evaluation.plots import spectrogram_figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ A checkpoint is a directory `ckpt-00001000/`:
                            base_sha256, the identity of the base the adapter was trained on
     optimizer.safetensors  optimizer state tensors; metadata: param groups and layout (JSON), sha256
     rng-<rank>.safetensors each process's CPU (and CUDA) RNG state; metadata: sha256
-    adapter.safetensors    LoRA runs: the EMA adapter on its own (jat/lora.py); metadata: sha256
+    adapter.safetensors    LoRA runs: the EMA adapter on its own (jat/model/lora.py); metadata: sha256
     state.json             step, scheduler state, counters, validation metric
 
 Every checksum is `tensors_sha256` of the tensors the file holds, written into the file's own
@@ -18,8 +18,8 @@ an adapter records of its base, is its sha256.ema (`weights_sha256`).
 
 It is written under a temporary name and renamed when complete, so a directory named `ckpt-*`
 is always whole: a run killed mid-write leaves only a `.tmp-*` directory, removed on the next
-save. Weights holding NaN or inf are refused on load (and never saved: jat/train.py). The output
-folder also holds `.lock`, the run lock of the training using it (jat/runlock.py).
+save. Weights holding NaN or inf are refused on load (and never saved: jat/train/trainer.py). The output
+folder also holds `.lock`, the run lock of the training using it (jat/train/runlock.py).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ every t about equally: F's weight in the loss, o_k² / (1-t)², is at most 1 + �
 of growing as 1 / (1-t)². σ_k = σ_min·(1 - absent_k) + absent_k·exp(level + e_k): absent_k (in
 [0, 1]) from the condition's own RMS per channel over the segment (no cutoff needs to be known),
 level the expected log-level of an empty channel (`band_prior`), e_k a per-frame log-envelope on
-`model.envelope_bands` bands predicted from the condition alone (`jat.model.EnvelopeHead`),
+`model.envelope_bands` bands predicted from the condition alone (`jat.model.dit.EnvelopeHead`),
 interpolated over the C channels and trained by a likelihood of the band power
 (`envelope_error`): the level of what is generated is set there, in a handful of numbers per
 frame, instead of by rescaling noise through the bottleneck.

@@ -2,7 +2,7 @@
 cutoff), scale-invariant SDR and the per-octave energy error above the cutoff, for a model output
 and, beside it, for two baselines that learn nothing.
 
-Why the noise fill (jat/baselines.py) is the baseline that matters: the sinc-resampled input has an
+Why the noise fill (jat/evaluation/baselines.py) is the baseline that matters: the sinc-resampled input has an
 empty band above the cutoff, and in an empty bin LSD compares log10(eps) = -10 with log10 P of the
 reference, so it scores about |log10 eps - log10 P| (typically 8 to 12) there, whatever the
 reference holds. Any output with roughly the right level beats that by a factor of ten: beating
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from jat.baselines import noise_fill
+from jat.evaluation.baselines import noise_fill
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ def level_gain(audio: torch.Tensor) -> torch.Tensor:
     -24 dBFS). Scaling every signal to one reference level before encoding and dividing the output
     by the same gain makes the result scale with the input: upsample(g * x) == g * upsample(x), bit
     for bit when g is a power of two (the gain is computed in float64 and every other step is linear
-    or sees the same scaled signal). Training pairs are brought to the same level (`jat.data`,
-    `jat.precompute`), so the model learns at the level it is used at. -20 dBFS RMS is a typical
+    or sees the same scaled signal). Training pairs are brought to the same level (`jat.data.datasets`,
+    `jat.data.precompute`), so the model learns at the level it is used at. -20 dBFS RMS is a typical
     level of speech and music recordings; the peak cap keeps signals with a high crest factor within
     full scale, where the codec was trained. SILENCE_PEAK lies below the smallest step of 32-bit PCM
     (2^-31): no integer file can hold anything quieter, and a float file that does is numerical dust;

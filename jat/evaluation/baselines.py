@@ -3,7 +3,7 @@
 `noise_fill` extends the LR input's spectrum above its cutoff with random-phase noise whose level
 follows, frame by frame, the spectral slope of the octave below the cutoff. It learns nothing: it
 knows only that natural spectra fall off smoothly, and that is worth a great deal under a
-log-spectral metric (see jat/metrics.py for why the sinc-resampled input is a weak baseline).
+log-spectral metric (see jat/evaluation/metrics.py for why the sinc-resampled input is a weak baseline).
 
 The recipe, per channel (STFT: n_fft 2048, hop 512, periodic Hann, centred frames):
 
