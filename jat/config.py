@@ -5,9 +5,14 @@ rejects unknown or misspelled keys, wrong types and impossible values with a `Co
 names the key path and the file. `section.key=value` overrides come from the command line.
 
 A YAML file may start from another with `base: other.yaml` (resolved beside it); the model
-section may start from a named size preset with `model: {preset: small}`. YAML is read by
+section may start from a named size preset with `model: {preset: small}` (`MODEL_PRESETS`, applied by
+`model_preset`; `preset_model_config` builds one in code). YAML is read by
 `jat.yaml_loader`, which refuses duplicate keys and alias bombs. Every number must be finite and
 inside the range `RANGES` gives for its field; values in messages are shortened (`_show`).
+
+Facts owned elsewhere are read from their home, imported lazily because those modules import this one:
+the sample rate and hop (`jat.codecs.base`), each codec's latent channels (`jat.codecs.LATENT_DIMS`) and
+the filter families of the LR simulation (`jat.data.degrade.FAMILIES`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class ModelConfig:
     """The DiT (docs/design.md section 3). Defaults are the V2 model on DAC latents."""
 
     preset: str | None = None  # size preset this section started from (v1, v2, small, tiny); informational
-    in_channels: int = 1024  # latent channels C of the codec (DAC 1024, mdct 512)
+    in_channels: int = field(default_factory=lambda: _latent_dim("dac"))  # codec latent channels C (DAC's)
     patch_size: int = 4  # latent frames per token (p)
     hidden_size: int = 1024
     depth: int = 16
@@ -105,7 +110,7 @@ class DataConfig:
     segment_seconds: float = 6.0
     cutoff_min: float = 2000.0  # Hz, low-pass cutoff range of the LR simulation
     cutoff_max: float = 16000.0
-    filters: list[str] = field(default_factory=lambda: ["butter", "cheby1", "bessel", "ellip"])
+    filters: list[str] = field(default_factory=lambda: list(_filter_families()))  # all of them
     order_min: int = 2
     order_max: int = 10
     versions: int = 4  # degraded LR versions per clip when pre-encoding
@@ -266,14 +271,25 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         node[parts[-1]] = raw
 
 
+def model_preset(name: object, where: str = "model.preset") -> dict[str, Any]:
+    """The ModelConfig fields the size preset `name` sets (a copy of its MODEL_PRESETS entry).
+
+    Raises ConfigError (a ValueError) naming `where` for an unknown name."""
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
+        raise ConfigError(f"{where}: unknown preset {_show(name)} (choose from {sorted(MODEL_PRESETS)})")
+    return dict(MODEL_PRESETS[name])
+
+
+def preset_model_config(name: str, **overrides: Any) -> ModelConfig:
+    """A named size preset (v1, v2, small, tiny) as a ModelConfig, with optional field overrides."""
+    return ModelConfig(preset=name, **{**model_preset(name), **overrides})
+
+
 def _apply_presets(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A raw config tree whose model section starts from its preset's fields (the section's own win)."""
     model = data.get("model")
     if isinstance(model, dict) and model.get("preset") is not None:
-        name = model["preset"]
-        if not isinstance(name, str) or name not in MODEL_PRESETS:
-            raise ConfigError(f"{source}: model.preset: unknown preset {_show(name)} "
-                              f"(choose from {sorted(MODEL_PRESETS)})")
-        data = dict(data, model={**MODEL_PRESETS[name], **model})
+        data = dict(data, model={**model_preset(model["preset"], f"{source}: model.preset"), **model})
     return data
 
 
@@ -371,7 +387,8 @@ _RULES = {
     "in (0, 1)": "flow.t_eps",
     "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio",
     "in (0, 1]": "codec.mdct_compression flow.sigma_min",
-    "in (0, 22050)": "data.cutoff_min data.cutoff_max data.val_cutoff",  # Hz, below Nyquist at 44.1 kHz
+    # Hz, below Nyquist: SAMPLE_RATE / 2 (jat.codecs.base), which tests/test_config.py checks this matches
+    "in (0, 22050)": "data.cutoff_min data.cutoff_max data.val_cutoff",
     "in [0, 4294967295]": "train.seed",  # accelerate's set_seed seeds numpy, which takes < 2**32
     "finite": "flow.logit_normal_mean flow.cfg_scale",  # cfg_scale 1 is off, 0 unconditional, < 0 repels
 }
@@ -430,7 +447,7 @@ def validate(cfg: Config, source: str) -> None:
     check(m.time_freq_dim % 2 == 0, "model.time_freq_dim", "must be even")
     check(int(m.hidden_size * m.mlp_ratio) >= 1, "model.mlp_ratio",
           f"hidden_size * mlp_ratio must give an MLP width >= 1, got {m.mlp_ratio}")
-    expected = {"dac": 1024, "mdct": 512}[cfg.codec.name]
+    expected = _latent_dim(cfg.codec.name)
     check(m.in_channels == expected, "model.in_channels",
           f"codec '{cfg.codec.name}' gives {expected} latent channels, got {m.in_channels}")
 
@@ -440,13 +457,16 @@ def validate(cfg: Config, source: str) -> None:
     check(len(f.cfg_interval) == 2 and f.cfg_interval[0] <= f.cfg_interval[1],
           "flow.cfg_interval", f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {_show(f.cfg_interval)}")
 
+    from jat.codecs.base import HOP, SAMPLE_RATE
+
     d = cfg.data
-    check(d.segment_seconds * 44100 >= 512, "data.segment_seconds",  # else the crop has no latent frame
-          f"must cover at least one latent frame (512 samples at 44.1 kHz), got {d.segment_seconds}")
+    check(d.segment_seconds * SAMPLE_RATE >= HOP, "data.segment_seconds",  # else the crop has no latent frame
+          f"must cover at least one latent frame ({HOP} samples at {SAMPLE_RATE / 1000:g} kHz), "
+          f"got {d.segment_seconds}")
     check(d.cutoff_min <= d.cutoff_max, "data.cutoff_min",
-          f"need 0 < cutoff_min <= cutoff_max < 22050, got {d.cutoff_min}, {d.cutoff_max}")
+          f"need 0 < cutoff_min <= cutoff_max < {SAMPLE_RATE // 2}, got {d.cutoff_min}, {d.cutoff_max}")
     check(d.order_min <= d.order_max, "data.order_min", "need 1 <= order_min <= order_max")
-    unknown = set(d.filters) - {"butter", "cheby1", "bessel", "ellip"}
+    unknown = set(d.filters) - set(_filter_families())
     check(bool(d.filters) and not unknown, "data.filters",
           f"unknown filter families {_show(sorted(unknown))}")
 
@@ -455,6 +475,20 @@ def validate(cfg: Config, source: str) -> None:
 
     lo = cfg.lora
     check(lo.mode == "none" or bool(lo.targets) or lo.temporal_adapter, "lora.targets", "nothing to adapt")
+
+
+def _latent_dim(codec: str) -> int:
+    """Latent channels of a codec backend, from their home (`jat.codecs.LATENT_DIMS`)."""
+    from jat.codecs import LATENT_DIMS
+
+    return LATENT_DIMS[codec]
+
+
+def _filter_families() -> tuple[str, ...]:
+    """The LR simulation's filter families, from their home (`jat.data.degrade.FAMILIES`)."""
+    from jat.data.degrade import FAMILIES
+
+    return FAMILIES
 
 
 def resolve_config_path(name: str | Path) -> Path:

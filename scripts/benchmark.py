@@ -46,7 +46,7 @@ def codec_decode_seconds(codec_name: str, seconds: float) -> float:
     with torch.no_grad():
         codec.decode(z[..., :8])
         tic = time.perf_counter()
-        codec.decode(z, length=round(seconds * 44100))
+        codec.decode(z, length=round(seconds * codec.sample_rate))
     return time.perf_counter() - tic
 
 

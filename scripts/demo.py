@@ -40,7 +40,7 @@ def main() -> int:
           f" training {cfg.model.preset} for {cfg.train.max_steps} steps"
           f" on its {args.cutoff / 1000:g} kHz-band version (mdct codec, CPU)")
     tic = time.perf_counter()
-    hr = torch.from_numpy(demo_clip(6.0, 44100, seed=cfg.train.seed))[None]  # [1, L]
+    hr = torch.from_numpy(demo_clip(6.0, seed=cfg.train.seed))[None]  # [1, L] at SAMPLE_RATE
     result = overfit_clip(cfg, hr, args.cutoff, seed=cfg.train.seed)
     files = write_report(result, args.out)
     print()

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from jat.codecs.base import latent_frames
 from jat.config import Config, resolve_config_path
 from jat.model.dit import JaT, format_parameter_breakdown
 
@@ -30,7 +31,7 @@ def main() -> None:
     print(format_parameter_breakdown(model))
     if not args.time:
         return
-    frames = int(-(-args.seconds * 44100 // 512))
+    frames = latent_frames(args.seconds)
     C = cfg.model.in_channels
     x, c, t = torch.randn(args.batch, C, frames), torch.randn(args.batch, C, frames), torch.rand(args.batch)
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):

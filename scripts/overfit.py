@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from jat.codecs.base import SAMPLE_RATE
 from jat.config import Config, ConfigError, resolve_config_path
 from jat.data.audio import AudioError, load_audio
 from jat.train.overfit import format_metrics, overfit_clip, write_report
@@ -35,7 +36,7 @@ def main() -> int:
         overrides = [f"train.max_steps={args.steps}",
                      f"train.ckpt_every={args.steps}", f"train.output_dir={args.out}/train"] + args.overrides
         cfg = Config.from_yaml(resolve_config_path(args.config), overrides)
-        hr = load_audio(args.audio, 44100, mono=True)[:, : round(args.duration * 44100)]  # [1, L]
+        hr = load_audio(args.audio, SAMPLE_RATE, mono=True)[:, : round(args.duration * SAMPLE_RATE)]  # [1, L]
     except (ConfigError, AudioError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

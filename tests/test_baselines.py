@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from jat.codecs.base import SAMPLE_RATE
 from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.evaluation.baselines import noise_fill
 
-SR = 44100
+SR = SAMPLE_RATE
 
 
 def lowpassed(x: np.ndarray, cutoff: float) -> torch.Tensor:

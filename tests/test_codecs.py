@@ -10,6 +10,9 @@ import scipy.signal
 import torch
 
 from jat.codecs import (
+    HOP,
+    LATENT_DIMS,
+    SAMPLE_RATE,
     CodecError,
     DACCodec,
     LatentNorm,
@@ -22,7 +25,7 @@ from jat.codecs import (
 from jat.codecs.mdct import princen_bradley_window
 from jat.config import CodecConfig
 
-SR = 44100
+SR = SAMPLE_RATE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +210,7 @@ def test_dac_shapes_and_lengths(tiny_dac):
         z = codec.encode(audio)
         assert z.shape == (2, 64, math.ceil(length / 512)) and codec.num_frames(length) == z.shape[-1]
         # the codec's latents are the quantized z of a one-shot dac encode
-        ref = tiny_dac.encode(tiny_dac.preprocess(audio, 44100))[0]
+        ref = tiny_dac.encode(tiny_dac.preprocess(audio, SR))[0]
         torch.testing.assert_close(z, ref)
         assert codec.decode(z, length).shape == (2, 1, length)
         assert codec.decode(z).shape == (2, 1, z.shape[-1] * 512)
@@ -311,5 +314,23 @@ def test_latent_frames_matches_the_codecs():
 
     codec = MDCTCodec()
     for seconds in (0.5, 1.0, 6.0, 10.0, 6.01):
-        assert latent_frames(seconds) == codec.num_frames(round(seconds * 44100))
+        assert latent_frames(seconds) == codec.num_frames(round(seconds * SR))
     assert latent_frames(6.0) == 517
+
+
+def test_codec_contract_constants_match_the_backends():
+    """SAMPLE_RATE, HOP and LATENT_DIMS (the codec side's one home of these facts) are what the
+    backends give: the MDCT built with its defaults, and DAC's default (44 kHz) architecture."""
+    import inspect
+
+    import dac
+
+    assert (SAMPLE_RATE, HOP) == (44100, 512)
+    mdct = MDCTCodec()
+    assert (mdct.sample_rate, mdct.hop, mdct.latent_dim) == (SAMPLE_RATE, HOP, LATENT_DIMS["mdct"])
+    defaults = {k: p.default for k, p in inspect.signature(dac.DAC.__init__).parameters.items()}
+    # dac.DAC: latent_dim = encoder_dim * 2 ** len(encoder_rates) unless given; hop = prod(encoder_rates)
+    assert defaults["latent_dim"] is None
+    assert defaults["encoder_dim"] * 2 ** len(defaults["encoder_rates"]) == LATENT_DIMS["dac"] == 1024
+    assert math.prod(defaults["encoder_rates"]) == HOP and defaults["sample_rate"] == SAMPLE_RATE
+    assert sorted(LATENT_DIMS) == ["dac", "mdct"]  # every backend build_codec knows

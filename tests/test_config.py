@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jat import yaml_loader
-from jat.config import RANGES, Config, ConfigError, resolve_config_path
+from jat.config import (
+    RANGES,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    preset_model_config,
+    resolve_config_path,
+)
 from jat.model.dit import JaT, parameter_breakdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -355,3 +363,35 @@ def test_unknown_key_from_the_command_line_suggests_the_section_that_has_it():
         Config.from_yaml(CONFIGS / "tiny.yaml", ["train.lr=1e-3"])
     assert str(err.value) == (f"{CONFIGS / 'tiny.yaml'} (with command-line overrides): "
                               "train.lr: unknown key (did you mean 'optim.lr'?)")
+
+
+def test_facts_owned_elsewhere_are_read_from_their_home():
+    """The filter families (jat.data.degrade), the latent channels (jat.codecs.LATENT_DIMS) and the
+    sample rate (jat.codecs.base) are written once; the config's defaults and checks follow them."""
+    from jat.codecs import LATENT_DIMS, SAMPLE_RATE
+    from jat.data.degrade import FAMILIES
+
+    assert DataConfig().filters == list(FAMILIES) == ["butter", "cheby1", "bessel", "ellip"]
+    with pytest.raises(ConfigError, match=r"data.filters: unknown filter families \['sinc'\]"):
+        Config.from_yaml(CONFIGS / "tiny.yaml", ["data.filters=[butter, sinc]"])
+    assert ModelConfig().in_channels == LATENT_DIMS["dac"] == 1024  # the default codec's
+    for name, dim in LATENT_DIMS.items():
+        cfg = Config.from_yaml(CONFIGS / "tiny.yaml", [f"codec.name={name}", f"model.in_channels={dim}"])
+        assert cfg.model.in_channels == dim
+        with pytest.raises(ConfigError, match=f"codec '{name}' gives {dim} latent channels, got {dim + 1}"):
+            Config.from_yaml(CONFIGS / "tiny.yaml", [f"codec.name={name}", f"model.in_channels={dim + 1}"])
+    # the one cutoff rule written as a number in config.py: Nyquist at SAMPLE_RATE
+    for key in ("data.cutoff_min", "data.cutoff_max", "data.val_cutoff"):
+        assert RANGES[key] == f"in (0, {SAMPLE_RATE // 2})"
+
+
+def test_preset_model_config_is_the_yaml_preset():
+    tiny = preset_model_config("tiny", in_channels=8)
+    assert (tiny.preset, tiny.hidden_size, tiny.depth, tiny.time_freq_dim) == ("tiny", 64, 2, 64)
+    assert tiny.in_channels == 8
+    cfg = Config.from_dict({"model": {"preset": "tiny", "in_channels": 512}, "codec": {"name": "mdct"}})
+    assert cfg.model == preset_model_config("tiny", in_channels=512)
+    assert preset_model_config("v2") == ModelConfig(preset="v2")
+    with pytest.raises(ValueError) as err:  # a ConfigError, which is a ValueError
+        preset_model_config("huge")
+    assert str(err.value) == "model.preset: unknown preset 'huge' (choose from ['small', 'tiny', 'v1', 'v2'])"

@@ -13,6 +13,7 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
+from jat.codecs.base import SAMPLE_RATE
 from jat.data import corpus
 from jat.data.audio import list_audio_files
 from jat.data.corpus import (
@@ -30,7 +31,7 @@ from jat.data.corpus import (
     select_packages,
 )
 
-SR = 44100
+SR = SAMPLE_RATE
 
 
 def noise(seconds: float, sr: int = SR, channels: int = 1, seed: int = 0, scale: float = 0.1) -> np.ndarray:

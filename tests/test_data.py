@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 import jat.data.precompute as pre
-from jat.codecs import LatentNorm, MDCTCodec
+from jat.codecs import SAMPLE_RATE, LatentNorm, MDCTCodec
 from jat.config import DataConfig
 from jat.data.audio import AudioError, load_audio
 from jat.data.datasets import (
@@ -31,7 +31,7 @@ from jat.data.datasets import (
     shard_metadata,
 )
 
-SR = 44100
+SR = SAMPLE_RATE
 ROOT = Path(__file__).resolve().parent.parent
 CFG = DataConfig(segment_seconds=1.0)  # raw-audio tests: 44100-sample segments
 PRE_CFG = DataConfig(segment_seconds=0.5)  # precompute tests: 22050 samples, 44 latent frames

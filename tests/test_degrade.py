@@ -1,4 +1,5 @@
-"""LR simulation: band limit, pass band, zero phase, stability, determinism, cutoff detection."""
+"""LR simulation: band limit, pass band, zero phase, stability, determinism; and cutoff detection
+(`jat.infer.band.detect_cutoff`) on the signals it makes."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jat.codecs.base import SAMPLE_RATE
 from jat.config import DataConfig
 from jat.data.degrade import (
     FAMILIES,
     Degradation,
     apply_degradation,
     design_lowpass,
-    detect_cutoff,
     intermediate_rate,
     lowpass,
     sample_degradation,
@@ -23,8 +24,9 @@ from jat.data.degrade import (
     sinc_baseline,
 )
 from jat.data.synth import demo_clip
+from jat.infer.band import detect_cutoff
 
-SR = 44100
+SR = SAMPLE_RATE
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from jat.codecs.base import SAMPLE_RATE
 from jat.data.degrade import Degradation, apply_degradation
 from jat.evaluation.baselines import noise_fill
 from jat.evaluation.metrics import (
@@ -20,7 +21,7 @@ from jat.evaluation.metrics import (
     si_sdr,
 )
 
-SR = 44100
+SR = SAMPLE_RATE
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import scipy.signal
 
+from jat.codecs.base import SAMPLE_RATE
 from jat.data import synth
 from jat.evaluation.plots import spectrogram_figure, spectrogram_image
 
-SR = 44100
+SR = SAMPLE_RATE
 
 
 def energy_fraction_db(x: np.ndarray, lo: float, hi: float = np.inf, sr: int = SR) -> float:

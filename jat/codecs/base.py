@@ -1,4 +1,8 @@
-"""The codec interface: audio [B, 1, L] <-> latents [B, C, T], chunked so memory stays flat."""
+"""The codec interface: audio [B, 1, L] <-> latents [B, C, T], chunked so memory stays flat.
+
+The contract every codec and the model keep: audio at SAMPLE_RATE, HOP samples per latent frame. The
+project's sample rate is written here once; everything else refers to it.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,15 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+SAMPLE_RATE = 44100  # Hz: every codec, the model and every output run at this rate
+HOP = 512  # audio samples per latent frame of every codec
+
 
 class CodecError(RuntimeError):
     """A codec cannot be built or used (missing weights, wrong input shape, ...)."""
 
 
-def latent_frames(seconds: float, sample_rate: int = 44100, hop: int = 512) -> int:
+def latent_frames(seconds: float, sample_rate: int = SAMPLE_RATE, hop: int = HOP) -> int:
     """Latent frames T = ceil(L / hop) for `seconds` of audio (517 for 6 s at 44.1 kHz, hop 512)."""
     return math.ceil(round(seconds * sample_rate) / hop)
 
@@ -22,8 +29,8 @@ class Codec(nn.Module, ABC):
     """A frozen audio codec.
 
     Attributes every backend sets:
-      sample_rate: audio rate in Hz (44100)
-      hop: audio samples per latent frame (512)
+      sample_rate: audio rate in Hz (SAMPLE_RATE)
+      hop: audio samples per latent frame (HOP)
       latent_dim: latent channels C
       channels: audio channels one call encodes (1: multichannel audio is folded into the batch)
       chunk_seconds: long audio is processed in chunks of about this length
@@ -49,7 +56,7 @@ class Codec(nn.Module, ABC):
 
     @property
     def frame_rate(self) -> float:
-        """Latent frames per second (44100 / 512 = 86.13 for both backends)."""
+        """Latent frames per second (SAMPLE_RATE / HOP = 86.13 for both backends)."""
         return self.sample_rate / self.hop
 
     @property

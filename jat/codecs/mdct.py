@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .base import Codec, chunk_ranges
+from .base import HOP, SAMPLE_RATE, Codec, chunk_ranges
 
 
 def princen_bradley_window(n: int, kind: Literal["sine", "kbd"] = "sine", alpha: float = 4.0) -> torch.Tensor:
@@ -69,8 +69,8 @@ class MDCTCodec(Codec):
         ref_level: float = 0.02,
         chunk_seconds: float = 30.0,
         window: Literal["sine", "kbd"] = "sine",
-        hop: int = 512,
-        sample_rate: int = 44100,
+        hop: int = HOP,
+        sample_rate: int = SAMPLE_RATE,
     ) -> None:
         super().__init__()
         if not compression > 0:

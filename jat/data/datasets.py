@@ -44,6 +44,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
+from jat.codecs.base import SAMPLE_RATE
 from jat.data.audio import (
     RESAMPLE_WIDTH,
     AudioError,
@@ -195,7 +196,7 @@ class AudioSegmentDataset(Dataset):
         self,
         files: Sequence[str | Path] | str | Path,
         cfg: DataConfig,
-        sample_rate: int = 44100,
+        sample_rate: int = SAMPLE_RATE,
         seed: int = 0,
         train: bool = True,
     ):

@@ -35,12 +35,13 @@ import scipy.optimize
 import scipy.signal
 import torch
 
-from jat.data.audio import RESAMPLE_ROLLOFF, resample
+from jat.codecs.base import SAMPLE_RATE
 from jat.config import DataConfig
+from jat.data.audio import RESAMPLE_ROLLOFF, resample
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("butter", "cheby1", "bessel", "ellip")
+FAMILIES = ("butter", "cheby1", "bessel", "ellip")  # the one list: config's default and check read it
 CHEBY_RIPPLE_DB = 0.5  # pass-band ripple of cheby1 and ellip (per pass)
 ELLIP_STOP_DB = 60.0  # stop-band attenuation of ellip (per pass)
 RATE_STEP = 100  # the intermediate rate is a multiple of this (Hz)
@@ -158,60 +159,9 @@ def simulate_lowres(
     return apply_degradation(audio, sr, deg), deg
 
 
-def sinc_baseline(lr: torch.Tensor, lr_sr: int, sr: int = 44100) -> torch.Tensor:
+def sinc_baseline(lr: torch.Tensor, lr_sr: int, sr: int = SAMPLE_RATE) -> torch.Tensor:
     """The metrics baseline: LR audio [..., L] sinc-resampled to `sr` (identity if already there)."""
     return resample(lr, lr_sr, sr)
-
-
-def detect_cutoff(
-    audio: torch.Tensor | np.ndarray, sr: int, min_drop_db: float = 25.0, min_freq: float = 500.0,
-    floor_db: float = 110.0,
-) -> float:
-    """Estimate the band limit (Hz) of `audio` [..., L] from its average power spectrum.
-
-    A band limit shows as a cliff: the smoothed log power falls by at least `min_drop_db` within a
-    short span (4 % of the frequency, at least 100 Hz) and everything above stays below that.
-    Natural spectral roll-off is far more gradual. The cutoff is the highest such cliff, placed
-    where the spectrum crosses halfway (in dB) between the level just below the cliff and the
-    highest level above it. Bins more than `floor_db` under the spectral peak are numerical noise
-    and never start a cliff. Returns sr / 2 when no cliff is found (full-band or silent audio).
-
-    Limitation: a gentle roll-off with no band limit (an analogue-style IIR low-pass applied at
-    the full rate) has no cliff and reads as full band; give the cutoff explicitly for such input.
-    """
-    x, _ = _as_numpy(audio)
-    x = x.reshape(-1, x.shape[-1])  # [N, L]
-    nperseg = min(4096, x.shape[-1])
-    freqs, psd = scipy.signal.welch(x, fs=sr, nperseg=nperseg, axis=-1)  # [F], [N, F]
-    power = psd.mean(axis=0)  # [F] channels averaged in power, so anti-phase channels cannot cancel
-    bin_hz = freqs[1] - freqs[0]
-    smooth = max(1, int(round(50.0 / bin_hz)))
-    power = np.convolve(power, np.ones(smooth) / smooth, mode="same")  # [F]
-    level = 10 * np.log10(power + 1e-30)  # [F] dB
-    # above[i]: highest level at or above bin i; gap[i]: bins from i to where the cliff must end
-    above = np.maximum.accumulate(level[::-1])[::-1]  # [F]
-    idx = np.arange(len(freqs))
-    gap = np.maximum(np.ceil(np.maximum(0.04 * freqs, 100.0) / bin_hz), 1).astype(int)  # [F]
-    ahead = np.minimum(idx + gap, len(freqs) - 1)
-    # ignore bins deep in the numerical floor (float32 rounding sits ~140 dB under the signal)
-    audible = level >= level[freqs >= min_freq].max() - floor_db
-    valid = (freqs >= min_freq) & (idx + gap < len(freqs) - 1) & audible
-    cliff = valid & (level - above[ahead] >= min_drop_db)
-    if not cliff.any():
-        return sr / 2
-    top = int(np.flatnonzero(cliff)[-1])
-    stop = above[ahead[top]]  # highest level beyond the cliff
-    lo = int(np.searchsorted(freqs, 0.9 * freqs[top]))
-    passband = np.percentile(level[lo : top + 1], 75)  # level just below the cliff
-    half = (passband + stop) / 2
-    region = idx[: ahead[top] + 1]
-    crossing = region[level[region] >= half]
-    edge = int(crossing[-1]) if len(crossing) else top
-    if edge + 1 < len(freqs):  # interpolate between the last bin above and the first below
-        l0, l1 = level[edge], level[edge + 1]
-        frac = (l0 - half) / (l0 - l1) if l0 > l1 else 0.0
-        return float(freqs[edge] + np.clip(frac, 0.0, 1.0) * bin_hz)
-    return float(freqs[edge])
 
 
 def _as_numpy(audio: torch.Tensor | np.ndarray) -> tuple[np.ndarray, torch.Tensor | np.ndarray]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.signal
 
+from jat.codecs.base import SAMPLE_RATE
+
 PEAK = 0.9
 TABLE = 8192  # wavetable length of harmonic_tone (harmonics up to 4095)
 
@@ -32,7 +34,7 @@ def _envelope(n: int, sr: int, attack: float, release: float) -> np.ndarray:
 
 
 def harmonic_tone(
-    seconds: float = 1.0, sr: int = 44100, f0: float = 220.0, vibrato_hz: float = 5.0,
+    seconds: float = 1.0, sr: int = SAMPLE_RATE, f0: float = 220.0, vibrato_hz: float = 5.0,
     vibrato_depth: float = 0.01, tilt: float = 0.7, seed: int = 0,
 ) -> np.ndarray:
     """A harmonic tone up to 0.95 x Nyquist, amplitudes k^-tilt with random phases, with vibrato."""
@@ -56,7 +58,7 @@ def harmonic_tone(
 
 
 def chirp(
-    seconds: float = 1.0, sr: int = 44100, f_start: float = 100.0, f_end: float = 20000.0,
+    seconds: float = 1.0, sr: int = SAMPLE_RATE, f_start: float = 100.0, f_end: float = 20000.0,
     method: str = "linear",
 ) -> np.ndarray:
     """A sine sweep from f_start to f_end (`method`: 'linear' or 'logarithmic'), faded in and out."""
@@ -71,7 +73,7 @@ def chirp(
     return _normalise(x)
 
 
-def noise_bursts(seconds: float = 1.0, sr: int = 44100, rate: float = 4.0, seed: int = 0) -> np.ndarray:
+def noise_bursts(seconds: float = 1.0, sr: int = SAMPLE_RATE, rate: float = 4.0, seed: int = 0) -> np.ndarray:
     """Percussive noise bursts at about `rate` per second: full-band clicks, hi-hats and snares."""
     n = _length(seconds, sr)
     rng = np.random.default_rng(seed)
@@ -92,7 +94,7 @@ def noise_bursts(seconds: float = 1.0, sr: int = 44100, rate: float = 4.0, seed:
     return _normalise(out)
 
 
-def speech_like(seconds: float = 2.0, sr: int = 44100, seed: int = 0) -> np.ndarray:
+def speech_like(seconds: float = 2.0, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
     """Speech-like sound: a glottal pulse train with an f0 contour through four moving formants,
     syllable envelopes, aspiration, and fricative noise (4-11 kHz) between syllables."""
     n = _length(seconds, sr)
@@ -131,7 +133,7 @@ def speech_like(seconds: float = 2.0, sr: int = 44100, seed: int = 0) -> np.ndar
     return _normalise(voiced + 0.3 * _normalise(fricative, 1.0) * gaps)
 
 
-def music_like(seconds: float = 3.0, sr: int = 44100, seed: int = 0) -> np.ndarray:
+def music_like(seconds: float = 3.0, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
     """Music-like sound: plucked/bowed harmonic notes from a pentatonic scale plus percussion."""
     n = _length(seconds, sr)
     rng = np.random.default_rng(seed)
@@ -152,7 +154,7 @@ def music_like(seconds: float = 3.0, sr: int = 44100, seed: int = 0) -> np.ndarr
     return _normalise(_normalise(out, 1.0) + 0.6 * drums)
 
 
-def demo_clip(seconds: float = 6.0, sr: int = 44100, seed: int = 0) -> np.ndarray:
+def demo_clip(seconds: float = 6.0, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
     """The demo signal: music, speech, a linear and an exponential chirp and noise bursts, mixed.
 
     Deterministic from `seed`; float32 [round(seconds * sr)], peak 0.9; about 10-20 % of the

@@ -37,6 +37,8 @@ import math
 import numpy as np
 import torch
 
+from jat.codecs.base import SAMPLE_RATE
+
 N_FFT = 2048
 HOP = 512
 FIT_BAND = (0.5, 0.9)  # fraction of the cutoff: the octave below it, short of the LR filter's roll-off
@@ -48,7 +50,9 @@ SILENCE_REL = 1e-9  # ... or this far (-90 dB) below the mean power per bin of t
 LOG_FLOOR_REL = 1e-6  # bins more than 60 dB below the band's mean power enter the fit at that floor
 
 
-def noise_fill(lr: torch.Tensor | np.ndarray, cutoff: float, sr: int = 44100, seed: int = 0) -> torch.Tensor:
+def noise_fill(
+    lr: torch.Tensor | np.ndarray, cutoff: float, sr: int = SAMPLE_RATE, seed: int = 0
+) -> torch.Tensor:
     """LR audio [C, L] (or [L]) at `sr` -> the same shape with the band above `cutoff` Hz filled.
 
     Returns a tensor of the input's dtype (float64 for float64 input, else float32). The same
