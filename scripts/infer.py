@@ -26,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jat.checkpoint.store import CheckpointError, latest_checkpoint
+from jat.codecs.base import SAMPLE_RATE
 from jat.config import ConfigError
 from jat.data.audio import AudioError
 from jat.infer.files import FORMATS, expand_inputs, plan, upsample_files
@@ -45,8 +46,8 @@ def parse_cutoff(text: str) -> float | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"cutoff must be 'auto' or a frequency in Hz (e.g. 8000 or 8k), "
                                          f"got '{text}'") from None
-    if not 0 < hz <= 22050:
-        raise argparse.ArgumentTypeError(f"cutoff must be in (0, 22050] Hz, got {hz:g}")
+    if not 0 < hz <= SAMPLE_RATE / 2:
+        raise argparse.ArgumentTypeError(f"cutoff must be in (0, {SAMPLE_RATE // 2}] Hz, got {hz:g}")
     return hz
 
 
@@ -156,19 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(tasks)} file(s) to upsample on {up.device} ({str(up.dtype).removeprefix('torch.')}), "
           f"checkpoint {ckpt}")
 
-    bars: dict[int, tqdm] = {}
+    bars: dict[Path, tqdm] = {}  # by output file, which plan makes unique
 
     def progress(task, done: int, total: int) -> None:
         if args.quiet:
             return
-        bar = bars.get(id(task))
+        bar = bars.get(task.output)
         if bar is None:
-            bar = bars[id(task)] = tqdm(total=total, desc=task.input.name, unit="window", leave=False,
+            bar = bars[task.output] = tqdm(total=total, desc=task.input.name, unit="window", leave=False,
                                         dynamic_ncols=True, disable=None)  # no bars when not a terminal
         bar.n = done
         bar.refresh()
         if done == total:
-            bars.pop(id(task)).close()
+            bars.pop(task.output).close()
 
     tic = time.perf_counter()
     written, failed, audio_s = 0, len(errors), 0.0
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             sums[k] += getattr(res, f"{k}_s")
         rtf = res.rtf
         how = "detected" if args.cutoff == "auto" else "given"
-        if res.cutoff >= 0.95 * 22050:
+        if res.cutoff >= 0.95 * SAMPLE_RATE / 2:
             how += "; the input is already full band, so there is little to add"
         tqdm.write(f"{out.task.input} -> {out.task.output}: {res.duration:.2f} s, {res.audio.shape[0]} ch, "
                    f"cutoff {res.cutoff / 1000:.2f} kHz ({how}); RTF {rtf['total']:.3f} = network "

@@ -9,13 +9,15 @@ project (`resample`).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
+from jat.atomic import TargetExistsError, write_atomic
+from jat.codecs.base import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def resample(
 
 
 def load_audio(
-    path: str | Path, target_sr: int | None = 44100, mono: bool = False, allow_silent: bool = False
+    path: str | Path, target_sr: int | None = SAMPLE_RATE, mono: bool = False, allow_silent: bool = False
 ) -> torch.Tensor:
     """Read an audio file as float32 [C, L] at `target_sr` (None: keep the file's rate).
 
@@ -165,14 +167,14 @@ def save_audio(
     path: str | Path, audio: torch.Tensor | np.ndarray, sr: int, format: str | None = None,
     subtype: str | None = None, overwrite: bool = True,
 ) -> Path:
-    """Write `audio` [C, L] (or [L]) atomically: a temporary file beside `path` (`temp_path`), then
-    `place_file`.
+    """Write `audio` [C, L] (or [L]) atomically (`jat.atomic.write_atomic`: a temporary file beside
+    `path`, then moved into place).
 
     On failure the previous file at `path` (if any) is untouched, the temporary file is removed
     and an AudioError naming `path` is raised; without `overwrite` an existing `path` is an error
     too, even one that appears while writing. `format`/`subtype` are soundfile's (default: from
     the extension; PCM_16 for wav/flac). Missing parent folders are created. A writer killed
-    mid-write leaves its temporary file, which `remove_stale_temps` recognises by its dead pid.
+    mid-write leaves its temporary file, which `jat.atomic.remove_stale_temps` recognises by its dead pid.
     """
     path = Path(path)
     data = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
@@ -185,84 +187,19 @@ def save_audio(
     peak = float(np.abs(data).max())
     if peak > 1.0:
         log.warning("%s: peak %.3f exceeds 1.0; integer formats will clip", path, peak)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
     try:
-        # A file of our pid is a dead process's leftover (the pid was reused, by us): replace it. Then
-        # create it exclusively, with a new file's usual permissions, for soundfile to write into.
-        tmp.unlink(missing_ok=True)
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        sf.write(str(tmp), data.T, int(sr), format=format, subtype=subtype)  # [L, C]
-        place_file(tmp, path, overwrite)
-    except AudioError:
-        raise
+        write_atomic(path, lambda tmp: sf.write(str(tmp), data.T, int(sr), format=format, subtype=subtype),
+                     overwrite)  # [L, C]
+    except TargetExistsError:
+        raise exists_error(path) from None
     except Exception as exc:
         raise AudioError(f"{path}: could not write audio ({type(exc).__name__}: {exc})") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
-def temp_path(path: str | Path) -> Path:
-    """The temporary file that this process writes `path` through: hidden, beside it, named with the
-    writer's pid (`.name.<pid>.tmp.ext`, the real extension last so that soundfile and image writers
-    infer the same format), so a leftover can be told from a file being written."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
-def remove_stale_temps(path: str | Path) -> list[Path]:
-    """Remove the temporary files of `path` (`temp_path`) left by writers that were killed, and
-    return them. A file is stale when no process has its pid; one of a live process (this one
-    included) is never touched. Only pids of this machine (and pid namespace) can be checked: a
-    writer elsewhere on a shared folder would look dead."""
-    path = Path(path)
-    head, tail = f".{path.stem}.", f".tmp{path.suffix}"
-    removed = []
-    try:
-        names = [p.name for p in path.parent.iterdir()]
-    except OSError:  # a missing or unreadable folder holds no leftovers that we could remove
-        return removed
-    for name in names:
-        pid = name[len(head) : -len(tail)] if name.startswith(head) and name.endswith(tail) else ""
-        if pid.isdigit() and _dead(int(pid)):
-            try:
-                (path.parent / name).unlink()
-            except OSError as exc:
-                log.warning("%s: cannot remove this killed writer's leftover (%s)", path.parent / name, exc)
-                continue
-            removed.append(path.parent / name)
-    return removed
-
-
-def _dead(pid: int) -> bool:
-    """Whether no process has this pid (signal 0 only asks). Unsure means alive: a process of another
-    user answers PermissionError, a number that is no pid at all OverflowError."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, OverflowError):
-        return False
-    return False
-
-
-def place_file(tmp: Path, path: Path, overwrite: bool) -> None:
-    """Move a finished temporary file to `path` atomically; without `overwrite` never replace a file
-    (AudioError if `path` exists, whenever it appeared). `tmp` is left for the caller to remove."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # atomic and fails if the name exists
-    except FileExistsError:
-        raise AudioError(f"{path}: exists (pass --overwrite to replace it)") from None
-    except OSError:  # no hard links on this file system
-        if path.exists():
-            raise AudioError(f"{path}: exists (pass --overwrite to replace it)") from None
-        os.replace(tmp, path)
+def exists_error(path: Path) -> AudioError:
+    """The error for an output that exists when it may not be replaced."""
+    return AudioError(f"{path}: exists (pass --overwrite to replace it)")
 
 
 def list_audio_files(source: str | Path) -> list[Path]:

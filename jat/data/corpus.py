@@ -9,11 +9,12 @@ an hour of music and ten minutes of speech keeps all the speech), and writes the
 `jat.data.audio.list_audio_files` reads them) and OUT/corpus.json (version, licence, split, counts,
 minutes, sample rates per package).
 
-Every step is cached under OUT/cache and every file is written atomically (a temporary file, then
-a rename), the manifests last: a second run with the same arguments changes nothing, and an
-interrupted run is finished by the next one. Nothing here prints; progress goes to `logging`.
+Every step is cached under OUT/cache and every file is written atomically (`jat.atomic.write_atomic`:
+a temporary file, then a rename), the manifests last: a second run with the same arguments changes
+nothing, and an interrupted run is finished by the next one. Nothing here prints; progress goes to
+`logging`.
 
-Bandwidth: `jat.data.degrade.detect_cutoff` looks for the *cliff* a resampler or codec leaves and calls a
+Bandwidth: `jat.infer.band.detect_cutoff` looks for the *cliff* a resampler or codec leaves and calls a
 gradual roll-off full band, which is what degradation needs; here a recording whose spectrum
 merely fades out (a dull microphone, a soft synth) must be rejected too, so the corpus uses the
 plain measure below: the highest frequency still within 70 dB of the level of the 200 Hz - 4 kHz
@@ -40,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import scipy.signal
 import soundfile as sf
+
+from jat.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -380,37 +383,23 @@ def _load_json(path: Path):
         return None
 
 
-def _place(path: Path, fill) -> None:
-    """Create path through `fill(tmp)` on a temporary file beside it and a rename (no partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_atomic(path: Path, data: bytes) -> bool:
-    """Write data to path through a temporary file and a rename; False (nothing written) if unchanged."""
+def _write_changed(path: Path, data: bytes) -> bool:
+    """Write data to path atomically (`write_atomic`); False (nothing written) if it already holds it."""
     if path.is_file() and path.read_bytes() == data:
         return False
-    _place(path, lambda tmp: Path(tmp).write_bytes(data))
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
     return True
 
 
 def _write_json(path: Path, obj) -> bool:
-    return _write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    return _write_changed(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _copy_atomic(src: Path, dst: Path) -> bool:
-    """Copy src to dst (temporary file + rename); False if dst already has src's size."""
+def _copy_changed(src: Path, dst: Path) -> bool:
+    """Copy src to dst atomically (`write_atomic`); False (nothing copied) if dst already has src's size."""
     if dst.is_file() and dst.stat().st_size == src.stat().st_size:
         return False
-    _place(dst, lambda tmp: shutil.copyfile(src, tmp))
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
     return True
 
 
@@ -581,7 +570,7 @@ def build_package(package: Package, extracted: Extracted, out: Path, criteria: C
     copyright_rel = None
     if src_copyright is not None:
         copyright_rel = f"licences/{package.name}.copyright"
-        _write_atomic(out / copyright_rel, src_copyright.read_bytes())
+        _write_changed(out / copyright_rel, src_copyright.read_bytes())
         licence = licence_summary(src_copyright.read_text(errors="replace"))
     else:
         licence = "unknown (no usr/share/doc/<package>/copyright in the .deb)"
@@ -590,7 +579,7 @@ def build_package(package: Package, extracted: Extracted, out: Path, criteria: C
     for f in files:
         if f.status == "kept":
             target = dest / f.path
-            copied += _copy_atomic(extracted.root / f.path, target)
+            copied += _copy_changed(extracted.root / f.path, target)
             keep.add(target)
     _prune(dest, keep)
     if scanned:  # only once the files are in place: a rerun after an interruption copies the rest
@@ -693,7 +682,7 @@ def build_corpus(
     for name, lines in manifests.items():  # last: a manifest never lists a file not yet in place
         text = "# paths relative to this file; rebuilt by scripts/build_corpus.py\n" + "".join(
             f"{line}\n" for line in lines)
-        if _write_atomic(out / name, text.encode()):
+        if _write_changed(out / name, text.encode()):
             written.append(name)
     for c in CATEGORIES:  # a category manifest left from an earlier selection
         stale = out / f"heldout-{c}.txt"

@@ -5,7 +5,8 @@ cut into fixed segments (the last one right-padded, a whole short clip padded; a
 `MIN_TAIL` of a segment is dropped when the file has other segments), and the resulting units
 (file, channel, segment) fill shards of `shard_size` in order. Each shard records a fingerprint of
 its units and settings, so a rerun keeps the shards that match and redoes only the others. Shards
-are written to a temporary name and `os.replace`d: a killed run never leaves half a shard.
+are written atomically (`jat.atomic.write_atomic`): a killed run never leaves half a shard, and the
+temporary file it leaves is removed by the next run (`jat.atomic.remove_stale_temps`).
 
 Randomness: LR version k of a unit uses `example_rng(seed, crc32(file), channel, segment, k)`, so
 the same seed gives identical shards and adding files does not change the others' degradations.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -31,10 +31,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from jat.data.audio import AudioError, load_audio
+from jat.atomic import remove_stale_temps, write_atomic
 from jat.codecs.base import Codec
 from jat.codecs.norm import LatentNorm, LatentStats
 from jat.config import DataConfig
+from jat.data.audio import AudioError, load_audio
 from jat.data.datasets import (
     SHARD_FORMAT,
     SHARD_GLOB,
@@ -227,13 +228,6 @@ def encode_shard(units: Sequence[Unit], codec: Codec, cfg: DataConfig, versions:
     return tensors, fields
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via `write(tmp)` then rename over `path`, so readers never see a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def merge_moments(moments: Sequence[torch.Tensor], channels: int) -> LatentNorm:
     """Pool per-shard [3, C] (count, mean, m2) moments (Chan et al.'s merge) into a LatentNorm."""
     stats = LatentStats(channels)
@@ -289,6 +283,7 @@ def precompute(files: Sequence[str | Path], out_dir: str | Path, codec: Codec, c
                                            DTYPES[dtype], progress, pool)
             info = dict(settings, plan=plan_id, skipped=shard_skipped, **fields)
             metadata = {"jat": json.dumps(info, sort_keys=True)}  # one key: deterministic file bytes
+            remove_stale_temps(path)  # a killed run's half-written shard
             write_atomic(path, lambda tmp, t=tensors, m=metadata: save_file(t, str(tmp), metadata=m))
             log.info("wrote %s (%d rows)", path.name, len(tensors["hr"]))
     finally:

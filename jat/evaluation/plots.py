@@ -17,6 +17,8 @@ from matplotlib import colormaps  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from jat.atomic import write_atomic  # noqa: E402
+
 DYNAMIC_RANGE_DB = 80.0  # colour scale spans this far below the loudest bin
 
 
@@ -37,7 +39,8 @@ def spectrogram_figure(
 ) -> Figure:
     """One log-power spectrogram panel per named signal, side by side, sharing the colour scale.
 
-    Saved as PNG at `path` when given (parent folders created). Returns the Figure.
+    Saved as PNG at `path` when given (atomically, `jat.atomic.write_atomic`; parent folders created).
+    Returns the Figure.
     """
     if not signals:
         raise ValueError("no signals to plot")
@@ -58,9 +61,7 @@ def spectrogram_figure(
     axes[0].set_ylabel("frequency (kHz)")
     fig.colorbar(image, ax=list(axes), label="dB")
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=100)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return fig
 
 

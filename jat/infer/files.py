@@ -22,17 +22,10 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from jat.data.audio import (
-    AUDIO_EXTENSIONS,
-    AudioError,
-    audio_info,
-    load_audio,
-    place_file,
-    remove_stale_temps,
-    save_audio,
-    temp_path,
-)
-from jat.infer.upsampler import SR, Progress, Upsampler, UpsampleResult, check_signal
+from jat.atomic import TargetExistsError, remove_stale_temps, write_atomic
+from jat.codecs.base import SAMPLE_RATE
+from jat.data.audio import AUDIO_EXTENSIONS, AudioError, exists_error, read_samples, save_audio
+from jat.infer.upsampler import Progress, Upsampler, UpsampleResult, check_signal
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +43,19 @@ class Task:
     input: Path
     output: Path
     plot: Path | None = None
+
+
+@dataclass(eq=False)
+class _Read:
+    """A task whose input has been read, as it travels through the upsampler (its key there): the
+    task, the input's soundfile subtype and the seconds reading took."""
+
+    task: Task
+    subtype: str
+    read_s: float
+
+    def __str__(self) -> str:  # a message naming the upsampler's key names the file
+        return str(self.task.input)
 
 
 @dataclass
@@ -137,7 +143,7 @@ def plan(inputs: list[tuple[Path, Path | None]], output_dir: str | Path | None =
     """Tasks for the inputs, and an error line for every input whose outputs cannot be written safely.
 
     Every output folder is checked (`folder_problem`) and cleared of killed runs' temporary files
-    (`audio.remove_stale_temps`) here, before any work. An unusable `output_dir` is an AudioError:
+    (`jat.atomic.remove_stale_temps`) here, before any work. An unusable `output_dir` is an AudioError:
     no file could be written.
     """
     if fmt not in FORMATS:
@@ -182,11 +188,12 @@ def plan(inputs: list[tuple[Path, Path | None]], output_dir: str | Path | None =
 
 
 def read_input(path: Path) -> tuple[torch.Tensor, int, str]:
-    """(audio [C, L] float32 at the file's own rate, rate, soundfile subtype); AudioError naming the file."""
-    sr, _, _ = audio_info(path)
-    audio = load_audio(path, target_sr=None, allow_silent=True)  # [C, L]
+    """(audio [C, L] float32 at the file's own rate, rate, soundfile subtype); AudioError naming the file.
+
+    The signal is checked here (`check_signal`, naming the file); the upsampler checks it again."""
+    audio, sr = read_samples(path)  # [C, L]; silence is allowed (the upsampler passes it through)
     check_signal(audio, sr, path)
-    return audio, sr, sf.info(str(path)).subtype
+    return audio, sr, sf.info(str(path)).subtype  # the header again, once: only for the subtype
 
 
 def output_subtype(fmt: str, input_subtype: str | None) -> str:
@@ -208,7 +215,7 @@ def write_output(path: Path, audio: torch.Tensor, subtype: str, overwrite: bool 
         if clipped:
             log.warning("%s: %d samples above full scale clipped", path, clipped)
         audio = audio.clamp(-1.0, 1.0)
-    return save_audio(path, audio, SR, subtype=subtype, overwrite=overwrite)
+    return save_audio(path, audio, SAMPLE_RATE, subtype=subtype, overwrite=overwrite)
 
 
 def write_plot(path: Path, result: UpsampleResult, overwrite: bool = False,
@@ -216,16 +223,12 @@ def write_plot(path: Path, result: UpsampleResult, overwrite: bool = False,
     """Spectrogram PNG of input (at 44.1 kHz) and output, side by side, of at most `seconds` of audio."""
     from jat.evaluation.plots import spectrogram_figure
 
-    n = round(seconds * SR)
-    fig = spectrogram_figure({"input": result.input[:, :n], "output": result.audio[:, :n]}, SR)
-    tmp = temp_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, format="png", dpi=100)
+    n = round(seconds * SAMPLE_RATE)
+    fig = spectrogram_figure({"input": result.input[:, :n], "output": result.audio[:, :n]}, SAMPLE_RATE)
     try:
-        place_file(tmp, path, overwrite)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), overwrite)
+    except TargetExistsError:
+        raise exists_error(path) from None
 
 
 def upsample_files(up: Upsampler, tasks: list[Task], *, fmt: str = "wav", overwrite: bool = False,
@@ -238,7 +241,6 @@ def upsample_files(up: Upsampler, tasks: list[Task], *, fmt: str = "wav", overwr
     and writing time count as 'other' in the result's timings.
     """
     failed: list[Outcome] = []
-    meta: dict[int, tuple[str, float]] = {}  # id(task) -> (input subtype, reading seconds)
 
     def source():
         for task in tasks:
@@ -248,14 +250,16 @@ def upsample_files(up: Upsampler, tasks: list[Task], *, fmt: str = "wav", overwr
             except AudioError as exc:
                 failed.append(Outcome(task, error=str(exc)))
                 continue
-            meta[id(task)] = (subtype, time.perf_counter() - tic)
-            box = [(task, audio, sr)]
+            box = [(_Read(task, subtype, time.perf_counter() - tic), audio, sr)]
             del audio  # hold no reference while suspended, so the engine can free it after resampling
             yield box.pop()
 
-    for task, result in up.upsample_many(source(), progress=progress, **kwargs):
+    def task_progress(read: _Read, done: int, total: int) -> None:
+        progress(read.task, done, total)
+
+    for read, result in up.upsample_many(source(), progress=task_progress if progress else None, **kwargs):
         yield from _drain(failed)
-        subtype, read_s = meta.pop(id(task))
+        task, subtype, read_s = read.task, read.subtype, read.read_s
         if result.error is not None:  # the input was checked on reading: the cause is the model's
             yield Outcome(task, error=f"{task.input}: {result.error}")
             continue
