@@ -19,8 +19,9 @@ from torch import nn
 
 from jat.codecs import latent_frames
 from jat.config import FlowConfig, ModelConfig
-from jat.model.dit import JaT, cast_linears_
+from jat.model.dit import JaT
 from jat.model.flow import FlowMatching
+from jat.model.kernels import cast_linears_
 from jat.runtime import tune_cpu_runtime
 
 # --- yardsticks --------------------------------------------------------------------------------
