@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jat.checkpoint.load import merge_checkpoint
 from jat.checkpoint.store import CheckpointError
-from jat.model.lora import merge_checkpoint
 
 
 def main() -> int:

@@ -14,11 +14,14 @@ import argparse
 import logging
 import sys
 
+from accelerate import PartialState
+
 from jat.checkpoint.store import CheckpointError
 from jat.codecs import CodecError
 from jat.config import Config, ConfigError, resolve_config_path
 from jat.data.audio import AudioError
 from jat.data.datasets import ShardError
+from jat.train.data import prepare
 from jat.train.trainer import Trainer, TrainingError
 from jat.train.validation import Validator
 
@@ -33,7 +36,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = Config.from_yaml(resolve_config_path(args.config), args.overrides)
-        trainer = Trainer(cfg, validator=Validator.from_config(cfg), resume=args.resume)
+        data = prepare(cfg, device=PartialState().device)  # the dataset in its latent space
+        trainer = Trainer(cfg, data, validator=Validator.from_config(cfg), resume=args.resume)
         metrics = trainer.fit()
     except (ConfigError, AudioError, ShardError, CodecError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)

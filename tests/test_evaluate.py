@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from jat.codecs.base import SAMPLE_RATE
 from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.data.synth import demo_clip
 from jat.evaluation.baselines import noise_fill
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_inference import make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SR = 44100
+SR = SAMPLE_RATE
 spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
 evaluate_script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(evaluate_script)
@@ -84,11 +85,9 @@ def test_validator_reports_score_clip_figures(checkpoint):
     calls = []
     writer = SimpleNamespace(add_audio=lambda tag, *a, **k: calls.append(tag),
                              add_image=lambda tag, *a, **k: calls.append(tag))
-    trainer = SimpleNamespace(norm=up.norm, codec=up.codec, flow=up.flow, cfg=up.cfg, writer=writer, step=7,
-                              acc=SimpleNamespace(device=torch.device("cpu")))
-    validator = Validator(clips, steps=2, seed=5)
-    got = validator(trainer, up.model)
-    same = Upsampler(up.model, up.norm, up.codec, up.flow, "cpu", up.cfg)  # what the validator builds
+    validator = Validator(clips, steps=2, seed=5, window_seconds=up.cfg.data.segment_seconds)
+    got = validator(up.model, up.latents, up.flow, writer, step=7)
+    same = Upsampler(up.model, up.latents, up.flow, "cpu", window_seconds=up.cfg.data.segment_seconds)
     scores = [score_clip(same, c.hr, c.lr, c.cutoff, steps=2, seed=5 + i) for i, c in enumerate(clips)]
     for key in scores[0].metrics:
         if key == "rtf":

@@ -86,10 +86,12 @@ def test_disk_full_during_checkpoint_keeps_previous_ones(tmp_path, monkeypatch):
     from train_worker import RandomLatents, make_config
 
     from jat.codecs import LatentNorm
+    from jat.train.data import prepare
     from jat.train.trainer import Trainer
 
     out = tmp_path / "run"
-    trainer = Trainer(make_config(str(out), 2, 6), dataset=RandomLatents(), norm=LatentNorm.identity(512))
+    cfg = make_config(str(out), 2, 6)
+    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
     trainer.fit(until=3)
     good = load_file(str(out / "ckpt-00000003" / "weights.safetensors"))
 
@@ -240,11 +242,12 @@ def tiny_trainer(out: Path, steps: int = 6, resume: str | None = None, **extra):
     from train_worker import RandomLatents, make_config
 
     from jat.codecs import LatentNorm
+    from jat.train.data import prepare
     from jat.train.trainer import Trainer
 
     torch.manual_seed(0)
-    return Trainer(make_config(str(out), 2, steps, **extra), dataset=RandomLatents(),
-                   norm=LatentNorm.identity(512), resume=resume)
+    cfg = make_config(str(out), 2, steps, **extra)
+    return Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)), resume=resume)
 
 
 def test_second_run_into_a_locked_folder_stops_naming_the_holder_and_writes_nothing(tmp_path, monkeypatch):
@@ -344,7 +347,7 @@ def flip_byte(path: Path, key: str) -> None:
 
 
 def test_flipped_byte_in_ema_weights_is_refused_naming_the_file(tmp_path):
-    from jat.model.lora import load_inference_model
+    from jat.checkpoint.load import load_model
 
     out = tmp_path / "run"
     tiny_trainer(out).fit(until=3)
@@ -357,7 +360,7 @@ def test_flipped_byte_in_ema_weights_is_refused_naming_the_file(tmp_path):
         ckpt.load_weights(path, "ema")
     assert ckpt.load_weights(path, "model")  # each prefix has its own checksum: the raw weights are fine
     with pytest.raises(ckpt.CheckpointError, match=pattern):
-        load_inference_model(path)
+        load_model(path)
     with pytest.raises(ckpt.CheckpointError, match=pattern):
         tiny_trainer(out, resume="auto")
 
@@ -397,10 +400,12 @@ sys.path.insert(0, sys.argv[2])
 from train_worker import RandomLatents, make_config
 from jat.checkpoint.store import CheckpointError
 from jat.codecs import LatentNorm
+from jat.train.data import prepare
 from jat.train.trainer import Trainer
 
 out = sys.argv[1]
-trainer = Trainer(make_config(out, 2, 6), dataset=RandomLatents(), norm=LatentNorm.identity(512))
+cfg = make_config(out, 2, 6)
+trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
 trainer.fit(until=3)
 # from here on no file may grow past 64 KiB: writes fail with EFBIG instead of killing the process
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

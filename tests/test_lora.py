@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from jat.checkpoint import store as ckpt
+from jat.checkpoint.adapters import apply_adapter_file, load_adapter_file, save_adapter
+from jat.checkpoint.load import load_model, merge_checkpoint
 from jat.codecs import LatentNorm
 from jat.config import Config, FlowConfig, LoraConfig
 from jat.model.dit import JaT, model_config
@@ -23,20 +25,15 @@ from jat.model.flow import FlowMatching
 from jat.model.lora import (
     LoRALinear,
     adapter_state_dict,
-    apply_adapter_file,
     apply_lora,
     block_linears,
     dequantize_weight,
     is_adapter_key,
     is_quantized,
     load_adapter,
-    load_adapter_file,
-    load_inference_model,
     lora_report,
-    merge_checkpoint,
     merge_lora,
     quantize_linear,
-    save_adapter,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +119,7 @@ def test_qlora_equals_base_with_dequantized_nf4_block_linears():
 
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
 def test_only_adapters_get_gradients_and_change(mode):
-    from jat.train.trainer import build_optimizer
+    from jat.train.optim import build_optimizer
 
     model = apply_lora(tiny_base(), lcfg(mode, temporal=True))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -284,7 +281,7 @@ def _adapted_base(tmp_path, seed):
     and the saved adapter file."""
     base_dir, cfg = _write_base_checkpoint(tmp_path / "base")
     lora = lcfg("qlora", temporal=True)
-    model, _, _ = load_inference_model(base_dir)
+    model, _, _ = load_model(base_dir)
     apply_lora(model, lora)
     randomize_adapters(model, seed=seed)
     adapter = save_adapter(tmp_path / "adapter.safetensors", model, lora, base=str(base_dir))
@@ -301,9 +298,9 @@ def test_base_plus_adapter_reproduces_outputs_bit_for_bit_in_new_process(tmp_pat
     code = textwrap.dedent(f"""
         import sys, torch
         from safetensors.torch import load_file
-        from jat.model.lora import load_inference_model
+        from jat.checkpoint.load import load_model
         io = load_file({str(tmp_path / "io.safetensors")!r})
-        model, cfg, base = load_inference_model({str(base_dir)!r}, {str(adapter)!r})
+        model, cfg, base = load_model({str(base_dir)!r}, {str(adapter)!r})
         assert cfg.lora.mode == "qlora" and cfg.lora.temporal_adapter
         with torch.no_grad():
             out = model(io["x_t"], io["t"], io["c"], io["mask"])
@@ -339,7 +336,7 @@ def test_merged_model_matches_adapter_model(mode, temporal):
 def test_merge_checkpoint_loads_as_plain_checkpoint(tmp_path):
     base_dir, cfg = _write_base_checkpoint(tmp_path / "base")
     lora = lcfg("qlora")
-    model, _, _ = load_inference_model(base_dir)
+    model, _, _ = load_model(base_dir)
     apply_lora(model, lora)
     randomize_adapters(model, scale=0.1)
     adapter = save_adapter(tmp_path / "a.safetensors", model, lora)
@@ -403,6 +400,7 @@ def test_tiny_qlora_finetune_lowers_validation_loss_on_new_clip():
 
 @pytest.mark.slow
 def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog):
+    from jat.train.data import prepare
     from jat.train.trainer import Trainer
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -413,13 +411,13 @@ def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog
             "lora.temporal_dim": 16, "train.init_from": str(base_dir)}
     norm = LatentNorm.identity(512)
     caplog.set_level("INFO")
-    trainer = Trainer(make_config(str(tmp_path / "run"), 4, 4, **lora), dataset=RandomLatents(),
-                      norm=norm)
+    cfg = make_config(str(tmp_path / "run"), 4, 4, **lora)
+    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), norm))
     trainer.fit()
     assert "trainable" in caplog.text and "frozen weights hold" in caplog.text
     model = trainer.acc.unwrap_model(trainer.model)
     # the base stayed frozen: identical to a fresh quantization of the base checkpoint
-    fresh, _, _ = load_inference_model(base_dir)
+    fresh, _, _ = load_model(base_dir)
     apply_lora(fresh, trainer.cfg.lora)
     fresh_state = fresh.state_dict()
     assert all(torch.equal(v, fresh_state[k]) for k, v in model.state_dict().items() if not is_adapter_key(k))
@@ -433,14 +431,15 @@ def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog
     assert set(load_adapter_file(adapter_file)[0]) == adapter_keys
 
     # resume from step 3 reproduces the uninterrupted run's adapter exactly
-    resumed = Trainer(make_config(str(tmp_path / "run"), 4, 4, **lora), dataset=RandomLatents(),
-                      norm=norm, resume=str(tmp_path / "run" / "ckpt-00000003"))
+    cfg = make_config(str(tmp_path / "run"), 4, 4, **lora)
+    resumed = Trainer(cfg, prepare(cfg, RandomLatents(), norm),
+                      resume=str(tmp_path / "run" / "ckpt-00000003"))
     resumed.fit()
     final = adapter_state_dict(resumed.acc.unwrap_model(resumed.model))
     assert all(torch.equal(v, final[k]) for k, v in adapter_state_dict(model).items())
 
     # inference from the LoRA checkpoint alone (base from train.init_from) = the trainer's EMA model
-    infer, cfg, norm_from = load_inference_model(last)
+    infer, cfg, norm_from = load_model(last)
     assert cfg.lora.mode == "qlora" and norm_from == base_dir
     args = inputs(C=512, T=24)
     with torch.no_grad():
@@ -452,7 +451,7 @@ def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog
     assert load_adapter_file(adapter_file).base_sha256 == identity == load_adapter_file(last).base_sha256
     _write_base_checkpoint(tmp_path / "base", seed=1)
     with pytest.raises(ckpt.CheckpointError, match=f"{last}: adapter trained on another base"):
-        load_inference_model(last)
+        load_model(last)
 
 
 @pytest.mark.slow
@@ -492,15 +491,15 @@ def test_adapter_is_refused_on_another_base_of_the_same_shapes(tmp_path, caplog)
     assert id_a and id_b and id_a != id_b
     assert load_adapter_file(adapter).base_sha256 == id_a  # recorded at save
     with pytest.raises(ckpt.CheckpointError) as err:
-        load_inference_model(base_b, adapter)
+        load_model(base_b, adapter)
     assert str(err.value) == (f"{adapter}: adapter trained on another base: it records base {base_a} "
                               f"(sha256 {id_a[:16]}...), not {base_b} (sha256 {id_b[:16]}...); give the base "
                               "it was trained on, or force it (force=True, infer.py --force-adapter, "
                               "merge_lora.py --force)")
     caplog.set_level("WARNING")
-    forced, _, _ = load_inference_model(base_b, adapter, force=True)
+    forced, _, _ = load_model(base_b, adapter, force=True)
     assert "applied anyway (forced)" in caplog.text
-    own, _, _ = load_inference_model(base_a, adapter)  # its own base: accepted
+    own, _, _ = load_model(base_a, adapter)  # its own base: accepted
     args = inputs(C=512, T=21)
     with torch.no_grad():
         assert torch.equal(own(*args), model.eval()(*args))
@@ -530,7 +529,7 @@ def test_a_file_that_is_no_adapter_is_a_checkpoint_error(tmp_path):
     wav = tmp_path / "some.wav"
     sf.write(wav, torch.zeros(1000).numpy(), 16000)
     with pytest.raises(ckpt.CheckpointError, match=f"^{wav}: not an adapter file \\(.+\\)$"):
-        load_inference_model(base_dir, wav)
+        load_model(base_dir, wav)
     other = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(2)}, str(other))
     with pytest.raises(ckpt.CheckpointError, match=f"^{other}: not an adapter file \\(format None, "

@@ -15,8 +15,9 @@ from jat.checkpoint import store as ckpt
 from jat.codecs import LatentNorm
 from jat.config import Config
 from jat.model.dit import JaT, model_config
+from jat.train.data import StepBatches, prepare
 from jat.train.optim import EMA, build_optimizer, lr_lambda
-from jat.train.trainer import StepBatches, Trainer
+from jat.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import RandomLatents, make_config  # noqa: E402
@@ -71,8 +72,8 @@ def test_step_batches_partition_the_global_batch():
 
 def _run(out, batch, steps, resume=None, until=None):
     torch.manual_seed(0)
-    trainer = Trainer(make_config(str(out), batch, steps), dataset=RandomLatents(),
-                      norm=LatentNorm.identity(512), resume=resume)
+    cfg = make_config(str(out), batch, steps)
+    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)), resume=resume)
     trainer.fit(until=until)
     return trainer
 
@@ -128,7 +129,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
             return {**item, "x": item["x"] * float("nan")}
 
     cfg = make_config(str(tmp_path / "bad"), 2, 20, **{"train.max_bad_steps": 3})
-    trainer = Trainer(cfg, dataset=Poisoned(), norm=LatentNorm.identity(512))
+    trainer = Trainer(cfg, prepare(cfg, Poisoned(), LatentNorm.identity(512)))
     before = {k: v.clone() for k, v in trainer.acc.unwrap_model(trainer.model).state_dict().items()}
     from jat.train.trainer import TrainingError
 
@@ -184,7 +185,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 @pytest.mark.slow
 def test_compiled_model_trains_and_checkpoints_plain_names(tmp_path):
     cfg = make_config(str(tmp_path / "c"), 2, 2, **{"train.compile": "true", "train.ckpt_every": 2})
-    trainer = Trainer(cfg, dataset=RandomLatents(), norm=LatentNorm.identity(512))
+    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
     trainer.fit()
     weights = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "c"), "ema")
     assert set(weights) == set(JaT(cfg.model).state_dict())  # no "_orig_mod." prefixes
@@ -208,7 +209,7 @@ def test_resume_with_another_architecture_names_the_changed_settings(tmp_path):
     _run(out, 2, 6, until=3)
     cfg = make_config(str(out), 2, 6, **{"model.depth": 3, "model.num_heads": 2})
     with pytest.raises(ckpt.CheckpointError) as err:
-        Trainer(cfg, dataset=RandomLatents(), norm=LatentNorm.identity(512), resume="auto")
+        Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)), resume="auto")
     assert str(err.value) == (f"{out / 'ckpt-00000003'} was trained with a different architecture: "
                               "model.depth 2 -> 3; model.num_heads 4 -> 2 (resume with its settings, "
                               "or choose another train.output_dir)")
@@ -242,23 +243,23 @@ def _nan_checkpoint(root):
 
 
 def test_non_finite_weights_are_refused_for_inference_and_init_from(tmp_path):
-    from jat.model.lora import load_inference_model
+    from jat.checkpoint.load import load_model
 
     path = _nan_checkpoint(tmp_path / "nan")
     msg = f"{path / 'weights.safetensors'}: tensor ema.blocks.0.attn.q.weight holds non-finite values"
     with pytest.raises(ckpt.CheckpointError, match=msg):
-        load_inference_model(path)
+        load_model(path)
     cfg = make_config(str(tmp_path / "ft"), 2, 3, **{"train.init_from": str(path)})
     with pytest.raises(ckpt.CheckpointError, match=msg):
-        Trainer(cfg, dataset=RandomLatents())
+        Trainer(cfg, prepare(cfg, RandomLatents()))
 
 
 def test_weights_that_became_non_finite_are_never_saved(tmp_path):
     from jat.train.trainer import TrainingError
 
     out = tmp_path / "run"
-    trainer = Trainer(make_config(str(out), 2, 20, **{"train.max_bad_steps": 2}), dataset=RandomLatents(),
-                      norm=LatentNorm.identity(512))
+    cfg = make_config(str(out), 2, 20, **{"train.max_bad_steps": 2})
+    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
     trainer.fit(until=3)
     with torch.no_grad():  # what a too large learning rate does: the weights diverge, every step skips
         trainer.model_plain.blocks[0].attn.q.weight.fill_(float("nan"))
@@ -270,8 +271,8 @@ def test_weights_that_became_non_finite_are_never_saved(tmp_path):
     assert [p.name for p in out.iterdir() if "ckpt" in p.name] == ["ckpt-00000003"]
     assert ckpt.load_weights(out / "ckpt-00000003", "model")  # the earlier one loads, finite
 
-    fresh = Trainer(make_config(str(tmp_path / "new"), 2, 20), dataset=RandomLatents(),
-                    norm=LatentNorm.identity(512))
+    cfg = make_config(str(tmp_path / "new"), 2, 20)
+    fresh = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
     fresh.ema.shadow[0].fill_(float("inf"))
     with pytest.raises(TrainingError, match=r"non-finite \(tensor ema\.\S+ holds NaN or inf\): nothing "
                                             f"saved; there is no intact checkpoint in {tmp_path / 'new'}$"):

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from jat.codecs import LatentNorm
 from jat.config import Config
+from jat.train.data import prepare
 from jat.train.trainer import Trainer
 
 C, T = 512, 24
@@ -95,8 +96,8 @@ def main() -> None:
     if args.fail_rank is not None and int(os.environ.get("RANK", "0")) == args.fail_rank:
         data = FailingLatents()
     extra = dict(o.split("=", 1) for o in args.overrides)
-    trainer = Trainer(make_config(out, args.batch, args.steps, **extra), dataset=data,
-                      norm=LatentNorm.identity(C), resume=args.resume)
+    cfg = make_config(out, args.batch, args.steps, **extra)
+    trainer = Trainer(cfg, prepare(cfg, data, LatentNorm.identity(C)), resume=args.resume)
     trainer.fit()
     rank = trainer.acc.process_index
     model = trainer.acc.unwrap_model(trainer.model)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jat.codecs.base import SAMPLE_RATE
 from jat.data.audio import AudioError, load_audio
 from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.evaluation.baselines import noise_fill
@@ -34,14 +35,14 @@ from jat.evaluation.metrics import (
     lsd_split,
     octave_energy_error,
 )
-from jat.infer.band import SR, low_frequency_replace
+from jat.infer.band import low_frequency_replace
 from jat.infer.upsampler import Upsampler
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = {"filter": EVAL_FILTER[0], "order": EVAL_FILTER[1], "phase": "zero (sosfiltfilt)",
             "resampler": "torchaudio sinc (Kaiser), through 2 x cutoff rounded up to 100 Hz",
-            "channels": "each channel scored separately, then averaged", "sample_rate": SR,
+            "channels": "each channel scored separately, then averaged", "sample_rate": SAMPLE_RATE,
             "inference": "Upsampler.upsample (windows), then jat.infer.band.low_frequency_replace; "
                          "lsd_lf_no_lfr scores the same output before the replacement",
             "baselines": "sinc: the LR input; fill: jat.evaluation.baselines.noise_fill (seeded)"}
@@ -64,17 +65,18 @@ def score_clip(up: Upsampler, hr: torch.Tensor, lr: torch.Tensor, cutoff: float,
                steps: int | None = None, seed: int = 0) -> ClipScore:
     """Upsample lr [C, L] (LR audio already at 44.1 kHz, cut at `cutoff` Hz) once and score it
     against hr [C, L]; the noise fill uses the same seed."""
-    cut = min(float(cutoff), SR / 2)
+    cut = min(float(cutoff), SAMPLE_RATE / 2)
     tic = time.perf_counter()
-    res = up.upsample(lr, SR, cutoff=cut, lfr=False, steps=steps, seed=seed)
+    res = up.upsample(lr, SAMPLE_RATE, cutoff=cut, lfr=False, steps=steps, seed=seed)
     raw = res.audio  # [C, L]
     out = low_frequency_replace(raw.clone(), res.input, cut)  # [C, L] what lfr=True returns
     elapsed = time.perf_counter() - tic
-    fill = noise_fill(lr, cut, SR, seed=seed)  # [C, L]
-    metrics = evaluate_pair(out, hr, lr, cut, SR, fill=fill)
-    metrics["lsd_lf_no_lfr"] = lsd_split(raw, hr, cut, SR)["lsd_lf"]
-    metrics["rtf"] = elapsed / (hr.shape[-1] / SR)
-    octaves = {who: octave_energy_error(x, hr, cut, SR) for who, x in zip(WHO, (out, lr, fill), strict=True)}
+    fill = noise_fill(lr, cut, SAMPLE_RATE, seed=seed)  # [C, L]
+    metrics = evaluate_pair(out, hr, lr, cut, SAMPLE_RATE, fill=fill)
+    metrics["lsd_lf_no_lfr"] = lsd_split(raw, hr, cut, SAMPLE_RATE)["lsd_lf"]
+    metrics["rtf"] = elapsed / (hr.shape[-1] / SAMPLE_RATE)
+    octaves = {who: octave_energy_error(x, hr, cut, SAMPLE_RATE)
+               for who, x in zip(WHO, (out, lr, fill), strict=True)}
     return ClipScore(metrics, out, raw, fill, octaves)
 
 
@@ -90,19 +92,19 @@ def evaluate(up: Upsampler, files: Sequence[str | Path], cutoffs: Sequence[float
     rows, skipped = [], {}
     for k, path in enumerate(files):
         try:
-            hr = load_audio(path, SR)  # [C, L]
+            hr = load_audio(path, SAMPLE_RATE)  # [C, L]
         except AudioError as exc:
             skipped[str(path)] = str(exc)
             log.warning("%s", exc)
             continue
         if max_seconds:
-            hr = hr[:, : round(max_seconds * SR)]
+            hr = hr[:, : round(max_seconds * SAMPLE_RATE)]
         for cutoff in cutoffs:
             deg = Degradation(float(cutoff), PROTOCOL["filter"], PROTOCOL["order"])
-            lr = apply_degradation(hr, SR, deg)  # [C, L]
+            lr = apply_degradation(hr, SAMPLE_RATE, deg)  # [C, L]
             score = score_clip(up, hr, lr, float(cutoff), steps=steps, seed=seed)
             m = score.metrics
-            row = {"file": str(path), "cutoff": float(cutoff), "seconds": hr.shape[-1] / SR, **m,
+            row = {"file": str(path), "cutoff": float(cutoff), "seconds": hr.shape[-1] / SAMPLE_RATE, **m,
                    "octaves": {"bands": score.octaves["model"].bands,
                                **{who: o.db for who, o in score.octaves.items()}}}
             if categories is not None:

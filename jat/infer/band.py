@@ -16,7 +16,6 @@ import torch
 from jat.codecs.base import SAMPLE_RATE
 from jat.data.audio import resample, resampled_length
 
-SR = SAMPLE_RATE  # shim for the modules that import it from here; new code: jat.codecs.base.SAMPLE_RATE
 LFR_START = 0.9  # low-frequency replacement: input only below LFR_START * cutoff, model only above cutoff
 CUTOFF_SECONDS = 30.0  # cutoff detection reads at most this much audio (three excerpts)
 

@@ -5,7 +5,7 @@ One signal [C, L] at rate sr goes through:
   2. sinc resampling to 44.1 kHz (`band.resample_to_44k`): lr [C, L'], L' = ceil(L * 44100 / sr);
   3. level normalisation (`level_gain`): each channel scaled to a fixed reference level, the gain
      undone after decoding; a channel of digital silence skips the model and stays exactly zero;
-  4. encoding, channels as a batch, and normalisation: c [C, Cz, T];
+  4. encoding into the model's latent space (`LatentSpace.encode`), channels as a batch: c [C, Cz, T];
   5. windows of `window` frames overlapping by at least `overlap` frames (`window_ranges`), each
      sampled by the flow (the windows of several files share network batches), blended into one
      latent sequence with tapered weights (raised-cosine ramps over each overlap, divided by their
@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jat.checkpoint import store as ckpt
-from jat.codecs import Codec, LatentNorm, build_codec
-from jat.config import Config
+from jat.checkpoint import load
+from jat.codecs import Codec
+from jat.codecs.base import SAMPLE_RATE
+from jat.codecs.latent import LatentSpace
 from jat.data.audio import AudioError, level_gain, restore_level
-from jat.infer.band import SR, estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
-from jat.model.dit import cast_linears_
+from jat.infer.band import estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
 from jat.model.flow import Denoiser, FlowMatching
-from jat.model.lora import load_inference_model
+from jat.model.kernels import cast_linears_
 from jat.runtime import tune_cpu_runtime
 
 log = logging.getLogger(__name__)
@@ -182,33 +182,31 @@ class _Job:
 
 
 class Upsampler:
-    """A trained model with its latent normalisation, codec and sampler.
+    """A trained model with its latent space (codec and normalisation) and sampler.
 
     Every signal is level-normalised on its way through (`level_gain`), so the output scales with
     the input and digital silence stays silent.
 
     Args:
         model: an x-predicting denoiser (model(x_t, t, c, mask) -> x̂), usually a JaT.
-        window_seconds: frames per window (default: the config's training segment, else 6 s).
+        window_seconds: frames per window (default 6 s; `from_checkpoint`: the training segment).
         overlap_seconds: minimum overlap of neighbouring windows (blended across it).
         batch_size: windows per network call (default 16 on CUDA, 4 on CPU).
         precision: network precision, 'fp32', 'bf16' or 'auto' (`pick_precision`).
     """
 
-    def __init__(self, model: Denoiser, norm: LatentNorm, codec: Codec, flow: FlowMatching,
-                 device: torch.device | str = "cpu", cfg: Config | None = None, *,
-                 window_seconds: float | None = None, overlap_seconds: float = 1.0,
-                 batch_size: int | None = None, precision: str = "fp32"):
+    def __init__(self, model: Denoiser, latents: LatentSpace, flow: FlowMatching,
+                 device: torch.device | str = "cpu", *, window_seconds: float | None = None,
+                 overlap_seconds: float = 1.0, batch_size: int | None = None, precision: str = "fp32"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.norm = norm.to(self.device)
-        self.codec = codec.to(self.device).eval()
+        self.latents = latents.to(self.device).eval()
         self.flow = flow
-        self.cfg = cfg
+        self.cfg = None  # the checkpoint's Config (`from_checkpoint`)
         self.checkpoint: Path | None = None  # where the weights came from (`from_checkpoint`), for messages
-        seconds = window_seconds or (cfg.data.segment_seconds if cfg is not None else 6.0)
-        self.window = max(1, round(seconds * codec.frame_rate))
-        self.overlap = min(round(overlap_seconds * codec.frame_rate), self.window // 2)
+        rate = latents.frame_rate
+        self.window = max(1, round((window_seconds or 6.0) * rate))
+        self.overlap = min(round(overlap_seconds * rate), self.window // 2)
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self.dtype = pick_precision(self.device, precision)
         if self.dtype == torch.bfloat16:
@@ -229,15 +227,11 @@ class Upsampler:
         statistics or the codec do not fit the stored config. kwargs go to the constructor.
         """
         dev = pick_device(device)
-        model, cfg, base = load_inference_model(path, adapter, ema, dev, force=force_adapter)
-        norm = LatentNorm.identity(cfg.model.in_channels)
-        ckpt.load_checked(norm, ckpt.load_weights(base, "norm"), f"{base}: latent statistics")
-        codec = codec or build_codec(cfg.codec)
-        if codec.latent_dim != cfg.model.in_channels:
-            raise ckpt.CheckpointError(f"{path}: codec '{cfg.codec.name}' gives {codec.latent_dim} latent "
-                                       f"channels, the model expects {cfg.model.in_channels}")
-        up = cls(model, norm, codec, FlowMatching(cfg.flow), dev, cfg, precision=precision, **kwargs)
-        up.checkpoint = Path(path)
+        model, cfg, base = load.load_model(path, adapter, ema, dev, force=force_adapter)
+        latents = load.latent_space(base, cfg, codec)
+        kwargs.setdefault("window_seconds", cfg.data.segment_seconds)
+        up = cls(model, latents, FlowMatching(cfg.flow), dev, precision=precision, **kwargs)
+        up.cfg, up.checkpoint = cfg, Path(path)
         return up
 
     def _autocast(self):
@@ -262,19 +256,6 @@ class Upsampler:
         with self._autocast():
             return self.flow.sample(self.model, c, mask=mask, steps=steps, solver=solver, cfg_scale=cfg_scale,
                                     noise=noise.to(self.device))
-
-    @torch.no_grad()
-    def upsample_44k(self, lr: torch.Tensor, steps: int | None = None, solver: str | None = None,
-                     cfg_scale: float | None = None, seed: int = 0) -> torch.Tensor:
-        """LR audio already at 44.1 kHz [B, 1, L] -> upsampled audio [B, 1, L], in one window, no
-        low-frequency replacement (the reference the windowed path reduces to for short input), level
-        normalised like it."""
-        L = lr.shape[-1]
-        lr = lr.to(self.device).float()
-        gain = level_gain(lr)  # [B, 1]
-        c = self.norm.normalize(self.codec.encode(lr * gain[..., None]))  # [B, C, T]
-        x = self.sample_latents(c, steps, solver, cfg_scale, seed)  # [B, C, T]
-        return restore_level(self.codec.decode(self.norm.denormalize(x), length=L), gain).cpu()  # [B, 1, L]
 
     def upsample(self, audio: torch.Tensor, sr: int, **kwargs) -> UpsampleResult:
         """Audio [C, L] at `sr` -> UpsampleResult with audio [C, ceil(L * 44100 / sr)] at 44.1 kHz.
@@ -336,12 +317,11 @@ class Upsampler:
         lr = resample_to_44k(audio, sr)  # [C, L']
         gain = level_gain(lr)  # [C]
         active = [k for k in range(lr.shape[0]) if gain[k] > 0]
-        result = UpsampleResult(torch.empty(0), lr, min(cut, SR / 2), length / SR)
+        result = UpsampleResult(torch.empty(0), lr, min(cut, SAMPLE_RATE / 2), length / SAMPLE_RATE)
         toc = self._sync()
         scaled = (lr * gain[:, None])[:, None].to(self.device)  # [C, 1, L'] at the reference level
-        c = self.codec.encode(scaled)  # [C, Cz, T], normalised in place (memory)
+        c = self.latents.encode(scaled)  # [C, Cz, T]
         del scaled
-        self.norm.normalize(c, inplace=True)
         result.other_s, result.codec_s = toc - tic, self._sync() - toc
         T = c.shape[-1]
         ranges = window_ranges(T, self.window, self.overlap)
@@ -383,10 +363,9 @@ class Upsampler:
             res.audio = torch.zeros_like(job.lr)
             res.other_s += self._sync() - tic
             return res
-        z = job.acc.div_(job.wsum)  # [C, Cz, T] blended; denormalised in place below (memory)
-        self.norm.denormalize(z, inplace=True)
+        z = job.acc.div_(job.wsum)  # [C, Cz, T] blended
         job.acc = job.c = None
-        out = self.codec.decode(z, length=job.lr.shape[-1])[:, 0]  # [C, L']
+        out = self.latents.decode(z, length=job.lr.shape[-1], inplace=True)[:, 0]  # [C, L'] (z reused)
         del z
         toc = self._sync()
         out = restore_level(out, job.gain)  # back to the input's level; silent channels exactly zero

@@ -24,16 +24,13 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from jat.config import MODEL_PRESETS, ModelConfig
+from jat.config import ModelConfig, preset_model_config
 from jat.model import kernels
-from jat.model.kernels import cast_linears_  # noqa: F401  (jat/infer/upsampler.py imports it from here)
 
 
 def model_config(preset: str, **overrides) -> ModelConfig:
     """A named size preset (v1, v2, small, tiny) as a ModelConfig, with optional field overrides."""
-    if preset not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset '{preset}' (choose from {sorted(MODEL_PRESETS)})")
-    return ModelConfig(preset=preset, **{**MODEL_PRESETS[preset], **overrides})
+    return preset_model_config(preset, **overrides)
 
 
 class BottleneckPatchEmbed(nn.Module):

@@ -15,36 +15,27 @@ folds them into plain full-precision linears for export.
 The temporal adapter's frozen down/up projections are not part of the base checkpoint: they are
 drawn from a fixed per-block seed, so base + adapter file rebuild them exactly in a new process.
 
-An adapter file records its base's identity (`checkpoint.weights_sha256`: the checksum of the base's
-EMA weights) and is refused on any other base, even one of the same shapes, unless forced.
+This module is a pure model transform: adapter files and checkpoint loading live in jat/checkpoint/
+(`adapters.py`, `load.py`).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import fnmatch
-import json
 import logging
 import math
-import os
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import safe_open
 from torch import nn
 
-from jat.checkpoint import store as ckpt
-from jat.config import Config, LoraConfig
+from jat.config import LoraConfig
 from jat.model.dit import DiTBlock, JaT
 
 ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "dw_conv", "pw_conv", "gamma"})  # names of trainable parts
 QUANT_KEY_PARTS = ("absmax", "quant_map", "quant_state", "nested_")  # bitsandbytes state-dict entries
 TEMPORAL_SEED = 20_251_106  # + block index: the frozen temporal projections' initialisation
-ADAPTER_FORMAT = "jat-lora-1"
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +192,7 @@ class AdaptedBlock(DiTBlock):
         return self.temporal(super().forward(x, cond, rope, key_mask), key_mask)  # [B, N, D]
 
 
-def _add_temporal_adapters(model: JaT, cfg: LoraConfig, lora: bool, quantize: bool,
+def add_temporal_adapters(model: JaT, cfg: LoraConfig, lora: bool, quantize: bool,
                            compute_dtype: torch.dtype) -> None:
     device = next(model.parameters()).device
     for i, block in enumerate(model.blocks):
@@ -262,19 +253,10 @@ def apply_lora(model: JaT, cfg: LoraConfig, compute_dtype: torch.dtype | None = 
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, new)
     if cfg.temporal_adapter:
-        _add_temporal_adapters(model, cfg, lora=True, quantize=quantize, compute_dtype=compute_dtype)
+        add_temporal_adapters(model, cfg, lora=True, quantize=quantize, compute_dtype=compute_dtype)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if trainable != {n for n, _ in model.named_parameters() if is_adapter_key(n)}:
         raise RuntimeError(f"adapter/frozen split is wrong: trainable {sorted(trainable)[:4]}...")
-    return model
-
-
-def build_model(cfg: Config) -> JaT:
-    """The plain network a checkpoint with this config holds: JaT, plus full-precision temporal
-    adapters for a merged export of a temporal-adapter fine-tune (lora.mode none)."""
-    model = JaT(cfg.model)
-    if cfg.lora.mode == "none" and cfg.lora.temporal_adapter:
-        _add_temporal_adapters(model, cfg.lora, lora=False, quantize=False, compute_dtype=torch.float32)
     return model
 
 
@@ -342,98 +324,7 @@ def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
-def save_adapter(path: str | Path, model: JaT, cfg: LoraConfig, base: str | None = None,
-                 state: dict[str, torch.Tensor] | None = None, base_sha256: str | None = None) -> Path:
-    """Write the adapter (or `state`, e.g. EMA weights) to a safetensors file, atomically, with the
-    LoRA and model configs, the base checkpoint's path and identity (`base_sha256`; read from `base`
-    when not given) and the file's checksum in its metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = adapter_state_dict(model) if state is None else state
-    if base_sha256 is None and base and Path(base).exists():
-        base_sha256 = ckpt.weights_sha256(base)
-    tensors = {k: v.detach().float() for k, v in state.items()}
-    meta = {"format": ADAPTER_FORMAT, "lora": json.dumps(dataclasses.asdict(cfg)),
-            "model": json.dumps(dataclasses.asdict(model.cfg)), "base": base or "",
-            "base_sha256": base_sha256 or ""}
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        ckpt.save_tensors(tensors, tmp, meta)
-    except BaseException:  # disk full and the like: no partial file left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return path
-
-
-class AdapterFile(NamedTuple):
-    """What an adapter file (or a LoRA training checkpoint) holds."""
-
-    state: dict[str, torch.Tensor]  # the adapter tensors
-    lora: LoraConfig
-    base: str | None  # the base checkpoint's path at training time, if recorded
-    base_sha256: str | None  # the base's identity (checkpoint.weights_sha256), if recorded
-
-
-def load_adapter_file(path: str | Path, ema: bool = True) -> AdapterFile:
-    """An adapter file, or a LoRA-mode training checkpoint (its EMA or model adapter weights), verified
-    against its checksum. Raises CheckpointError for anything else (e.g. an audio file)."""
-    p = Path(path)
-    if p.is_file() and p.name != "weights.safetensors":
-        try:
-            with safe_open(str(p), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception as exc:  # not safetensors at all: safetensors' own error types
-            raise ckpt.CheckpointError(f"{p}: not an adapter file ({exc})") from None
-        if meta.get("format") != ADAPTER_FORMAT:
-            raise ckpt.CheckpointError(f"{p}: not an adapter file (format {meta.get('format')!r}, "
-                                       f"expected {ADAPTER_FORMAT!r})")
-        state, _ = ckpt.read_tensors(p)
-        bad = ckpt.non_finite(state)
-        if bad is not None:
-            raise ckpt.CheckpointError(f"{p}: tensor {bad} holds non-finite values")
-        return AdapterFile(state, LoraConfig(**json.loads(meta["lora"])), meta.get("base") or None,
-                           meta.get("base_sha256") or None)
-    cfg = ckpt.read_config(p)
-    if cfg.lora.mode == "none":
-        raise ckpt.CheckpointError(f"{p}: not a LoRA checkpoint (lora.mode is none)")
-    return AdapterFile(ckpt.load_weights(p, "ema" if ema else "model"), cfg.lora, cfg.train.init_from,
-                       ckpt.read_metadata(p).get("base_sha256") or None)
-
-
-def check_adapter_base(adapter: str | Path, info: AdapterFile, base: str | Path, force: bool = False) -> None:
-    """Refuse an adapter on another base than the one it was trained on: same shapes, other weights
-    load without complaint and give wrong outputs. `force` applies it anyway, with a warning."""
-    actual = ckpt.weights_sha256(base)
-    if info.base_sha256 is None or actual is None:  # written before identities were recorded
-        log.warning("%s: cannot check that this adapter was trained on %s (no identity recorded)",
-                    adapter, base)
-        return
-    if info.base_sha256 != actual:
-        msg = (f"{adapter}: adapter trained on another base: it records base {info.base or '?'} "
-               f"(sha256 {info.base_sha256[:16]}...), not {base} (sha256 {actual[:16]}...); "
-               "give the base it was trained on, or force it (force=True, infer.py --force-adapter, "
-               "merge_lora.py --force)")
-        if not force:
-            raise ckpt.CheckpointError(msg)
-        log.warning("%s: applied anyway (forced)", msg)
-
-
-def apply_adapter_file(model: JaT, path: str | Path, ema: bool = True,
-                       compute_dtype: torch.dtype | None = None, base: str | Path | None = None,
-                       force: bool = False) -> LoraConfig:
-    """Adapt a base model as the adapter file says and load the adapter; returns its LoraConfig.
-    With `base` (the checkpoint `model` was loaded from) the adapter must have been trained on it,
-    unless `force`."""
-    info = load_adapter_file(path, ema)
-    if base is not None:
-        check_adapter_base(path, info, base, force)
-    apply_lora(model, info.lora, compute_dtype)
-    load_adapter(model, info.state)
-    return info.lora
-
-
-# --- merge, export, inference loading -----------------------------------------------------------
+# --- merge ---------------------------------------------------------------------------------------
 
 
 def merge_lora(model: JaT) -> JaT:
@@ -449,53 +340,3 @@ def merge_lora(model: JaT) -> JaT:
     return model.requires_grad_(True)
 
 
-def load_inference_model(checkpoint: str | Path, adapter: str | Path | None = None, ema: bool = True,
-                         device: torch.device | str = "cpu", force: bool = False) -> tuple[JaT, Config, Path]:
-    """A model ready to sample on `device` (4-bit weights quantized there; bf16 compute on CUDA):
-    a plain or merged checkpoint; or a base checkpoint plus an adapter; or a LoRA training
-    checkpoint alone (its base is its config's train.init_from). Weights are verified against their
-    checksums and refused if non-finite; an adapter is refused on another base than its own unless
-    `force`.
-
-    Returns (model in eval mode, config, the checkpoint whose latent normalisation to use: the base).
-    """
-    cfg = ckpt.read_config(checkpoint)
-    base = Path(checkpoint)
-    if adapter is None and cfg.lora.mode != "none":
-        if not cfg.train.init_from:
-            raise ckpt.CheckpointError(f"{checkpoint}: LoRA checkpoint without train.init_from: "
-                                       "give the base checkpoint and this one as the adapter")
-        adapter, base = checkpoint, Path(cfg.train.init_from)
-        cfg = ckpt.read_config(base)
-    model = build_model(cfg)
-    ckpt.load_checked(model, ckpt.load_weights(base, "ema" if ema else "model"), f"{base}: model weights")
-    model.to(device)
-    if adapter is not None:
-        cfg = copy.deepcopy(cfg)
-        cfg.lora = apply_adapter_file(model, adapter, ema, base=base, force=force)
-    return model.eval(), cfg, base
-
-
-def merge_checkpoint(checkpoint: str | Path, out: str | Path, adapter: str | Path | None = None,
-                     force: bool = False) -> Path:
-    """Base checkpoint + adapter (or a LoRA training checkpoint alone) -> a full-precision checkpoint
-    `out/weights.safetensors` that loads like any trained one (model, ema, norm; lora.mode none).
-    `force` merges an adapter onto another base than the one it was trained on."""
-    model, cfg, base_path = load_inference_model(checkpoint, adapter, force=force)
-    if cfg.lora.mode == "none":
-        raise ValueError(f"{checkpoint}: no adapter to merge (give --adapter, or a LoRA training checkpoint)")
-    merge_lora(model)
-    cfg.lora = LoraConfig(mode="none", temporal_adapter=cfg.lora.temporal_adapter,
-                          temporal_dim=cfg.lora.temporal_dim, temporal_kernel=cfg.lora.temporal_kernel)
-    cfg.train.init_from = None
-    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".tmp-weights.safetensors"
-    ckpt.write_weights(tmp, cfg=cfg, step=0, ema=state,
-                       model={k: v.clone() for k, v in state.items()},  # safetensors refuses shared memory
-                       norm=ckpt.load_weights(base_path, "norm"),
-                       extra_meta={"merged_from": json.dumps({"base": str(base_path),
-                                                               "adapter": str(adapter or checkpoint)})})
-    os.replace(tmp, out / "weights.safetensors")
-    return out

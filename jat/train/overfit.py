@@ -9,19 +9,24 @@ jat/evaluation/metrics.py).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+from jat.atomic import write_atomic
 from jat.codecs import LatentStats, build_codec
+from jat.codecs.base import SAMPLE_RATE
+from jat.codecs.latent import LatentSpace
 from jat.config import Config
 from jat.data.audio import level_gain
 from jat.evaluation.evaluate import score_clip
 from jat.evaluation.metrics import lsd
-from jat.infer.band import SR
 from jat.infer.upsampler import Upsampler
+from jat.train.data import TrainingData
 from jat.train.trainer import Trainer
 from jat.train.validation import make_clip
 
@@ -66,15 +71,15 @@ def overfit_clip(cfg: Config, hr: torch.Tensor, cutoff: float = 8000.0, seed: in
         ceiling = codec.decode(codec.encode(clip.hr[None]), length=hr.shape[-1])[0]  # [1, L]
     stats = LatentStats(x.shape[0])
     stats.update(x[None])
-    norm = stats.finalize()
-    dataset = RepeatedPair(x, c, n=cfg.train.batch_size * 64)
+    latents = LatentSpace(codec, stats.finalize())
+    data = TrainingData(RepeatedPair(x, c, n=cfg.train.batch_size * 64), latents)
     # no in-training validator: the clip is sampled and scored once, below, after training
-    trainer = Trainer(cfg, dataset=dataset, norm=norm)
+    trainer = Trainer(cfg, data)
     trainer.fit()
 
     # one window covering the clip: the model was trained on the whole clip's latent sequence
-    up = Upsampler(trainer.ema_model(), trainer.norm, codec, trainer.flow, trainer.acc.device, cfg,
-                   window_seconds=hr.shape[-1] / SR + 1.0)
+    up = Upsampler(trainer.ema_model(), trainer.latents, trainer.flow, trainer.acc.device,
+                   window_seconds=hr.shape[-1] / SAMPLE_RATE + 1.0)
     score = score_clip(up, clip.hr, clip.lr, cutoff, steps=cfg.flow.steps, seed=seed)
     out = score.output  # [1, L]
     metrics = dict(score.metrics)
@@ -88,9 +93,6 @@ def overfit_clip(cfg: Config, hr: torch.Tensor, cutoff: float = 8000.0, seed: in
 def write_report(result: OverfitResult, out_dir, names: dict[str, str] | None = None) -> dict[str, str]:
     """Write input_lr.wav, noise_fill.wav, upsampled.wav, reference.wav, spectrogram.png and
     metrics.json to `out_dir`."""
-    import json
-    from pathlib import Path
-
     from jat.data.audio import save_audio
     from jat.evaluation.plots import spectrogram_figure
 
@@ -99,15 +101,13 @@ def write_report(result: OverfitResult, out_dir, names: dict[str, str] | None = 
     files = {"input": out / "input_lr.wav", "noise_fill": out / "noise_fill.wav",
              "output": out / "upsampled.wav", "reference": out / "reference.wav",
              "spectrogram": out / "spectrogram.png", "metrics": out / "metrics.json"}
-    save_audio(files["input"], result.lr, SR)
-    save_audio(files["noise_fill"], result.fill.clamp(-1, 1), SR)
-    save_audio(files["output"], result.output.clamp(-1, 1), SR)
-    save_audio(files["reference"], result.hr, SR)
+    save_audio(files["input"], result.lr, SAMPLE_RATE)
+    save_audio(files["noise_fill"], result.fill.clamp(-1, 1), SAMPLE_RATE)
+    save_audio(files["output"], result.output.clamp(-1, 1), SAMPLE_RATE)
+    save_audio(files["reference"], result.hr, SAMPLE_RATE)
     spectrogram_figure({"input (LR)": result.lr, "noise fill": result.fill, "output": result.output,
-                        "reference (HR)": result.hr}, SR, files["spectrogram"])
-    tmp = files["metrics"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.metrics, indent=2) + "\n")
-    tmp.replace(files["metrics"])
+                        "reference (HR)": result.hr}, SAMPLE_RATE, files["spectrogram"])
+    write_atomic(files["metrics"], lambda tmp: tmp.write_text(json.dumps(result.metrics, indent=2) + "\n"))
     return {k: str(v) for k, v in files.items()}
 
 

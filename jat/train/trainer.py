@@ -1,21 +1,23 @@
 """The training loop: a thin layer over accelerate.
 
-One optimizer step = `grad_accum` micro-batches of `batch_size` examples on each process. Data
-order, segment crops, degradations and the flow's noise are functions of (seed, step, example
-index) alone, so a resumed run, or a run split over more processes with the same global batch,
-sees exactly the same numbers.
+The trainer takes what it trains (`jat.train.tuning`), the data in its latent space
+(`jat.train.data.TrainingData`) and an optional validator, and only trains: steps, EMA, logging,
+checkpoints and resume.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` examples on each process. Data order,
+segment crops, degradations and the flow's noise are functions of (seed, step, example index) alone,
+so a resumed run, or a run split over more processes with the same global batch, sees exactly the
+same numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +26,17 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
-from torch.utils.data import DataLoader, Dataset
 
 from jat.checkpoint import store as ckpt
-from jat.codecs import LatentNorm, LatentStats, build_codec, latent_frames
-from jat.config import Config, ConfigError
-from jat.data.datasets import AudioSegmentDataset, LatentShardDataset, collate
+from jat.config import Config
 from jat.model.dit import JaT
 from jat.model.flow import FlowMatching, FlowNoise
-from jat.model.lora import (
-    adapter_state_dict,
-    apply_lora,
-    format_lora_report,
-    load_adapter,
-    lora_report,
-    save_adapter,
-)
+from jat.model.lora import format_lora_report, lora_report
 from jat.runtime import tune_cpu_runtime
+from jat.train.data import Batch, StepBatches, TrainingData
 from jat.train.optim import EMA, build_optimizer, lr_lambda
 from jat.train.runlock import RunLock
+from jat.train.tuning import tuning
 
 log = logging.getLogger(__name__)
 
@@ -53,42 +47,6 @@ class TrainingError(RuntimeError):
 
 
 # --- pieces ------------------------------------------------------------------------------------
-
-
-class StepBatches:
-    """Index batches for one process: a fixed permutation per epoch, cut into global batches of
-    `global_batch` (the rest dropped), of which this rank takes its contiguous `batch_size` slice."""
-
-    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int):
-        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.global_batch = batch_size * world
-        self.per_epoch = n // self.global_batch
-        if self.per_epoch == 0:
-            raise ConfigError(f"dataset of {n} examples is smaller than one global batch "
-                              f"({batch_size} x {world} processes): train.batch_size")
-
-    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        for b in range(start, self.per_epoch):
-            lo = b * self.global_batch + self.rank * self.batch_size
-            yield perm[lo:lo + self.batch_size].tolist()
-
-
-@dataclass
-class Batch:
-    x: torch.Tensor  # [B, C, T] normalised HR latent
-    c: torch.Tensor  # [B, C, T] normalised LR latent
-    mask: torch.Tensor  # [B, T] bool
-
-
-def build_train_dataset(cfg: Config) -> Dataset:
-    d = cfg.data
-    if d.latents:
-        frames = latent_frames(d.segment_seconds)
-        return LatentShardDataset(d.latents, segment_frames=frames, seed=cfg.train.seed)
-    if d.train:
-        return AudioSegmentDataset(d.train, d, seed=cfg.train.seed)
-    raise ConfigError("config: data.latents or data.train must name the training data")
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -105,64 +63,48 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
 
 
 class Trainer:
-    """Builds model, optimizer, data and logging from a Config and runs `fit()`.
+    """Trains `cfg`'s model on `data` (`jat.train.data.prepare`) and runs `fit()`.
 
-    `dataset` may be given directly (a Dataset of dict(x, c, mask) latents or dict(hr, lr, mask)
-    audio); `norm` likewise (else it comes from the latent shards or is estimated from audio).
+    `validator(model, latents, flow, writer, step) -> metrics` (jat/train/validation.py) runs every
+    `train.val_every` steps on the EMA weights. What trains and what checkpoints hold follows
+    `lora.mode` (`jat.train.tuning`).
 
     The output folder is locked (jat/train/runlock.py) before anything is built: a second run into it
     stops with RunLockedError. `fit` releases the lock when it ends (and takes it again when called
     again); `close()` releases it for a Trainer that is not fitted.
     """
 
-    def __init__(self, cfg: Config, dataset: Dataset | None = None, norm: LatentNorm | None = None,
-                 validator: Any = None, resume: str | None = None, accelerator: Accelerator | None = None):
+    def __init__(self, cfg: Config, data: TrainingData, validator: Any = None, resume: str | None = None,
+                 accelerator: Accelerator | None = None):
         self.cfg = cfg
-        t = cfg.train
-        cfg.check_paths(need_data=dataset is None)
-        self.acc = accelerator or make_accelerator(t.mixed_precision)
-        self.out = Path(t.output_dir)
+        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision)
+        self.out = Path(cfg.train.output_dir)
         self.writer = None
         self._run_lock = RunLock(self.out)
         self._lock_output()
         try:
-            self._build(cfg, dataset, norm, validator, resume)
+            self._build(cfg, data, validator, resume)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, cfg: Config, dataset: Dataset | None, norm: LatentNorm | None, validator: Any,
-               resume: str | None) -> None:
-        """Data, model, optimizer and resumed state: the work done once the output folder is locked."""
+    def _build(self, cfg: Config, data: TrainingData, validator: Any, resume: str | None) -> None:
+        """Model, optimizer and resumed state: the work done once the output folder is locked."""
         t = cfg.train
         set_seed(t.seed)
-        self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
+        self.data = data
+        self.latents = data.latents.to(self.acc.device)
         self.flow = FlowMatching(cfg.flow)
-        self._codec = None
         self.validator = validator
-
-        model = JaT(cfg.model)
-        # a checkpoint's own normalisation replaces any estimate: no need to compute one first
-        self.norm = norm or (LatentNorm.identity(cfg.model.in_channels) if t.init_from else self._load_norm())
-        self.base_sha256 = None  # the identity of train.init_from, recorded in LoRA adapters
-        if t.init_from:
-            ckpt.load_checked(model, ckpt.load_weights(t.init_from, "ema"), f"{t.init_from}: base weights",
-                              against="this run's model config")
-            self.norm.load_state_dict(ckpt.load_weights(t.init_from, "norm"))
-            self.base_sha256 = ckpt.weights_sha256(t.init_from)
-        self.lora = cfg.lora.mode != "none"
-        if self.lora:  # frozen (4-bit in qlora) base + trainable adapters; quantized on the training device
-            if not t.init_from:
-                raise ConfigError(f"lora.mode={cfg.lora.mode}: train.init_from must name the base checkpoint")
-            model = apply_lora(model.to(self.acc.device), cfg.lora)
+        self.tuning = tuning(cfg)
+        model = self.tuning.build(self.acc.device)
         self.model_plain = model  # the bare network (state dicts, EMA); self.model may be compiled/wrapped
         self.ema = EMA(model, t.ema_decay)
         self.optimizer = build_optimizer(model, cfg, self.acc.device.type)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         compiled = torch.compile(model) if t.compile else model
         self.model, self.optimizer = self.acc.prepare(compiled, self.optimizer)
-        self.norm.to(self.acc.device)
-        self.sampler = StepBatches(len(self.dataset), t.batch_size, self.acc.process_index,
+        self.sampler = StepBatches(len(data.dataset), t.batch_size, self.acc.process_index,
                                    self.acc.num_processes, t.seed)
         self.step = 0
         self.bad_steps = 0
@@ -196,59 +138,9 @@ class Trainer:
             self.writer = None
         self._run_lock.release()
 
-    @property
-    def codec(self):
-        if self._codec is None:
-            self._codec = build_codec(self.cfg.codec).to(self.acc.device)
-        return self._codec
-
-    def _load_norm(self) -> LatentNorm:
-        d = self.cfg.data
-        if d.latents:
-            return LatentNorm.load(Path(d.latents) / "stats.safetensors")
-        if isinstance(self.dataset, AudioSegmentDataset):
-            return self._estimate_norm()
-        return LatentNorm.identity(self.cfg.model.in_channels)
-
-    @torch.no_grad()
-    def _estimate_norm(self, examples: int = 32) -> LatentNorm:
-        """On-the-fly audio training: normalisation statistics from the first examples' HR latents."""
-        stats = LatentStats(self.cfg.model.in_channels)
-        for i in range(min(examples, len(self.dataset))):
-            item = self.dataset[i]
-            z = self.codec.encode(item["hr"][None].to(self.acc.device))  # [1, C, T]
-            stats.update(z.cpu(), self._frame_mask(item["mask"][None], z.shape[-1], self.codec.hop))
-        return stats.finalize()
-
-    @staticmethod
-    def _frame_mask(sample_mask: torch.Tensor, frames: int, hop: int) -> torch.Tensor:
-        """[B, L] sample mask -> [B, T] frame mask (a frame is valid if any of its samples is)."""
-        L = sample_mask.shape[-1]
-        padded = torch.nn.functional.pad(sample_mask, (0, frames * hop - L))
-        return padded.view(sample_mask.shape[0], frames, hop).any(-1)
-
     def _to_batch(self, raw: dict[str, Any]) -> Batch:
-        dev = self.acc.device
-        if "x" in raw:
-            x, c, mask = raw["x"].to(dev), raw["c"].to(dev), raw["mask"].to(dev)
-        else:  # audio: encode on the device (the GPU path)
-            with torch.no_grad():
-                x = self.codec.encode(raw["hr"].to(dev))  # [B, C, T]
-                c = self.codec.encode(raw["lr"].to(dev))
-            mask = self._frame_mask(raw["mask"].to(dev), x.shape[-1], self.codec.hop)
         dtype = torch.promote_types(next(self.model_plain.parameters()).dtype, torch.float32)
-        return Batch(self.norm.normalize(x.to(dtype)), self.norm.normalize(c.to(dtype)), mask)
-
-    def batches(self, micro_start: int) -> Iterator[dict[str, Any]]:
-        """Micro-batches for this process from global micro-batch index `micro_start` on, forever."""
-        epoch, start = divmod(micro_start, self.sampler.per_epoch)
-        while True:
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            loader = DataLoader(self.dataset, batch_sampler=list(self.sampler.epoch_batches(epoch, start)),
-                                collate_fn=collate, num_workers=self.cfg.data.num_workers)
-            yield from loader
-            epoch, start = epoch + 1, 0
+        return self.data.to_batch(raw, self.acc.device, dtype)
 
     def _noise(self, batch: Batch, micro: int) -> FlowNoise:
         """Per-example draws keyed by (seed, micro-batch, global example index)."""
@@ -266,7 +158,7 @@ class Trainer:
         """Train to `train.max_steps` (or stop early after step `until`, as if interrupted there);
         returns the last logged metrics. Holds the output folder's run lock until it returns or raises."""
         self._lock_output()
-        data = self.batches(self.step * self.cfg.train.grad_accum)
+        data = self.data.batches(self.sampler, self.step * self.cfg.train.grad_accum)
         try:
             return self._fit(until, data)
         finally:
@@ -359,19 +251,14 @@ class Trainer:
 
     # --- validation -----------------------------------------------------------------------------
     def ema_model(self) -> JaT:
-        if self.lora:  # the adapted model with the averaged adapter
-            model = copy.deepcopy(self.model_plain)
-            load_adapter(model, self.ema.state_dict(model, full=False))
-            return model.eval()
-        model = JaT(self.cfg.model).to(self.acc.device)
-        model.load_state_dict(self.ema.state_dict(self.model_plain))
-        return model.eval()
+        """The network with the averaged weights, for sampling."""
+        return self.tuning.ema_model(self.model_plain, self.ema)
 
     def validate(self) -> dict[str, float]:
         """Sample the validation clips with the EMA weights; main process scores and logs them."""
         metrics: dict[str, float] = {}
         if self.acc.is_main_process:
-            metrics = self.validator(self, self.ema_model())
+            metrics = self.validator(self.ema_model(), self.latents, self.flow, self.writer, self.step)
             self._log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)})
         self.acc.wait_for_everyone()
         return metrics
@@ -400,8 +287,8 @@ class Trainer:
         checkpoint. A failed write (disk full, file too large, ...) removes its temporary folder and
         raises CheckpointError; the earlier checkpoints stay as they were."""
         acc, model = self.acc, self.model_plain
-        weights = adapter_state_dict(model) if self.lora else model.state_dict()
-        ema = self.ema.state_dict(model, full=not self.lora)
+        weights = self.tuning.weights(model)
+        ema = self.tuning.ema_weights(self.ema, model)
         # on every rank: the weights are replicated, so all reach the same verdict without a collective
         self._check_finite({"model": weights, "ema": ema})
         tmp = ckpt.tmp_dir(self.out, self.step)
@@ -416,13 +303,10 @@ class Trainer:
                 state = {"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
                          "skipped_steps": self.skipped_steps, "best": self.best, "metric": metric or {},
                          "losses": self.history[-1000:]}
-                base = {"base_sha256": self.base_sha256} if self.lora and self.base_sha256 else None
                 ckpt.write_main(tmp, cfg=self.cfg, step=self.step, model=weights, ema=ema,
-                                norm=self.norm.state_dict(), optimizer=self.optimizer.state_dict(),
-                                state=state, extra_meta=base)
-                if self.lora:  # the shareable artefact: EMA adapter + its config and base
-                    save_adapter(tmp / "adapter.safetensors", model, self.cfg.lora,
-                                 self.cfg.train.init_from, ema, base_sha256=self.base_sha256)
+                                norm=self.latents.norm.state_dict(), optimizer=self.optimizer.state_dict(),
+                                state=state, extra_meta=self.tuning.metadata())
+                self.tuning.write_extra(tmp, model, ema)
             ckpt.write_rng(tmp, acc.process_index)
         acc.wait_for_everyone()
         final = None
@@ -469,12 +353,9 @@ class Trainer:
                                        "train.output_dir)")
         model = self.model_plain
         try:
-            if self.lora:  # the base was rebuilt from train.init_from; the checkpoint holds the adapter
-                load_adapter(model, ckpt.load_weights(path, "model"))
-            else:
-                ckpt.load_checked(model, ckpt.load_weights(path, "model"), f"{path}: model weights")
+            self.tuning.load(model, ckpt.load_weights(path, "model"), f"{path}: model weights")
             self.ema.load_state_dict(ckpt.load_weights(path, "ema"))
-            self.norm.load_state_dict(ckpt.load_weights(path, "norm"))
+            self.latents.norm.load_state_dict(ckpt.load_weights(path, "norm"))
             rest = ckpt.load_training_state(path, self.acc.process_index)
             self.optimizer.load_state_dict(rest["optimizer"])
         except ckpt.CheckpointError:

@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jat.codecs.base import SAMPLE_RATE
+from jat.codecs.latent import LatentSpace
 from jat.config import Config
 from jat.data.audio import list_audio_files, load_audio
 from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.evaluation.evaluate import ClipScore, score_clip
 from jat.evaluation.plots import spectrogram_image
-from jat.infer.band import SR
 from jat.infer.upsampler import Upsampler
+from jat.model.flow import FlowMatching
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +43,19 @@ class ValClip:
 def make_clip(name: str, hr: torch.Tensor, cutoff: float, family: str = EVAL_FILTER[0],
               order: int = EVAL_FILTER[1]) -> ValClip:
     """A validation clip: HR mono audio [1, L] and its LR version under a fixed, recorded degradation."""
-    lr = apply_degradation(hr, SR, Degradation(cutoff, family, order))  # [1, L]
+    lr = apply_degradation(hr, SAMPLE_RATE, Degradation(cutoff, family, order))  # [1, L]
     return ValClip(name, hr, torch.as_tensor(lr, dtype=torch.float32), cutoff)
 
 
 class Validator:
-    """Callable the Trainer runs every `val_every` steps: (trainer, ema_model) -> mean metrics."""
+    """Callable the Trainer runs every `val_every` steps: (EMA model, latent space, flow) -> mean metrics."""
 
-    def __init__(self, clips: list[ValClip], steps: int = 16, seed: int = 0, log_media: bool = True):
+    def __init__(self, clips: list[ValClip], steps: int = 16, seed: int = 0, log_media: bool = True,
+                 window_seconds: float | None = None):
         if not clips:
             raise ValueError("no validation clips")
         self.clips, self.steps, self.seed, self.log_media = clips, steps, seed, log_media
+        self.window_seconds = window_seconds  # the upsampler's windows (None: its default)
         self.last_outputs: list[torch.Tensor] = []
 
     @classmethod
@@ -59,22 +63,27 @@ class Validator:
         """Clips from `data.val`: the first `segment_seconds` of the first `val_clips` files (mono)."""
         if not cfg.data.val:
             return None
-        seg = round(cfg.data.segment_seconds * SR)
+        seg = round(cfg.data.segment_seconds * SAMPLE_RATE)
         clips = []
         for path in list_audio_files(cfg.data.val)[: cfg.data.val_clips]:
-            hr = load_audio(path, SR, mono=True)[:, :seg]  # [1, L]
+            hr = load_audio(path, SAMPLE_RATE, mono=True)[:, :seg]  # [1, L]
             clips.append(make_clip(Path(path).stem, hr, cfg.data.val_cutoff))
-        return cls(clips, steps=cfg.train.val_steps, seed=cfg.train.seed)
+        return cls(clips, steps=cfg.train.val_steps, seed=cfg.train.seed,
+                   window_seconds=cfg.data.segment_seconds)
 
-    def __call__(self, trainer, model) -> dict[str, float]:
-        up = Upsampler(model, trainer.norm, trainer.codec, trainer.flow, trainer.acc.device, trainer.cfg)
+    def __call__(self, model, latents: LatentSpace, flow: FlowMatching, writer=None, step: int = 0,
+                 ) -> dict[str, float]:
+        """Score `model` in `latents` with `flow` on every clip through the shipped Upsampler; log the
+        first two clips' audio and spectrograms to `writer` (a SummaryWriter) at `step`."""
+        device = next(model.parameters()).device
+        up = Upsampler(model, latents, flow, device, window_seconds=self.window_seconds)
         rows, self.last_outputs = [], []
         for i, clip in enumerate(self.clips):
             score = score_clip(up, clip.hr, clip.lr, clip.cutoff, steps=self.steps, seed=self.seed + i)
             self.last_outputs.append(score.output)  # [1, L] with low-frequency replacement
             rows.append(score.metrics)
-            if self.log_media and trainer.writer is not None and i < 2:
-                self._log_media(trainer.writer, trainer.step, clip, score)
+            if self.log_media and writer is not None and i < 2:
+                self._log_media(writer, step, clip, score)
         return validation_metrics({k: float(np.mean([r[k] for r in rows])) for k in rows[0]})
 
     @staticmethod
@@ -82,8 +91,8 @@ class Validator:
         for kind, audio in (("lr", clip.lr), ("noise_fill", score.fill), ("output", score.output),
                             ("hr", clip.hr)):
             a = audio.reshape(-1).clamp(-1, 1)
-            writer.add_audio(f"val_audio/{clip.name}/{kind}", a, step, sample_rate=SR)
-            writer.add_image(f"val_spec/{clip.name}/{kind}", spectrogram_image(a, SR), step,
+            writer.add_audio(f"val_audio/{clip.name}/{kind}", a, step, sample_rate=SAMPLE_RATE)
+            writer.add_image(f"val_spec/{clip.name}/{kind}", spectrogram_image(a, SAMPLE_RATE), step,
                              dataformats="HWC")
 
 
