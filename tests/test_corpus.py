@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -163,7 +164,7 @@ class FakeRun:
 
 
 def test_fetch_package_downloads_extracts_and_caches(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     run = FakeRun()
     got = fetch_package("foo", tmp_path / "debs", tmp_path / "x", run=run)
     assert got == Extracted("foo", "2.0-1", tmp_path / "x" / "foo")
@@ -176,7 +177,7 @@ def test_fetch_package_downloads_extracts_and_caches(tmp_path, monkeypatch):
 
 
 def test_fetch_package_uses_a_deb_already_there(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None if name == "apt-get" else f"/bin/{name}")
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "apt-get" else f"/bin/{name}")
     (tmp_path / "debs").mkdir()
     (tmp_path / "debs" / "foo_1.5_all.deb").write_bytes(b"deb")
     (tmp_path / "debs" / "foo-data_9_all.deb").write_bytes(b"another package")
@@ -186,10 +187,10 @@ def test_fetch_package_uses_a_deb_already_there(tmp_path, monkeypatch):
 
 
 def test_fetch_package_errors_name_the_package(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(CorpusError, match=r"foo: `apt-get` not found"):
         fetch_package("foo", tmp_path / "debs", tmp_path / "x", run=FakeRun())
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     with pytest.raises(CorpusError, match=r"foo: .*apt-get download foo.* failed \(exit 100\)"
                        r".*Unable to locate.*apt-get update"):
         fetch_package("foo", tmp_path / "debs", tmp_path / "x", run=FakeRun(apt_rc=100))
