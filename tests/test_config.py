@@ -11,7 +11,6 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jat import yaml_loader
 from jat.config import (
     RANGES,
     Config,
@@ -21,6 +20,7 @@ from jat.config import (
     preset_model_config,
     resolve_config_path,
 )
+from jat.config import safe_yaml as yaml_loader
 from jat.model.dit import JaT, parameter_breakdown
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -315,7 +315,7 @@ def test_every_float_field_must_be_finite(bad):
 
 def test_every_number_field_has_a_range():
     keys = {key for key, *_ in _number_fields()}
-    assert keys - set(RANGES) == set(), "decide the range of the new fields in jat.config._RULES"
+    assert keys - set(RANGES) == set(), "decide the range of the new fields in jat.config.rules._RULES"
     assert set(RANGES) - keys == set(), "RANGES names fields that do not exist"
 
 
@@ -380,7 +380,7 @@ def test_facts_owned_elsewhere_are_read_from_their_home():
         assert cfg.model.in_channels == dim
         with pytest.raises(ConfigError, match=f"codec '{name}' gives {dim} latent channels, got {dim + 1}"):
             Config.from_yaml(CONFIGS / "tiny.yaml", [f"codec.name={name}", f"model.in_channels={dim + 1}"])
-    # the one cutoff rule written as a number in config.py: Nyquist at SAMPLE_RATE
+    # the one cutoff rule written as a number in jat/config/rules.py: Nyquist at SAMPLE_RATE
     for key in ("data.cutoff_min", "data.cutoff_max", "data.val_cutoff"):
         assert RANGES[key] == f"in (0, {SAMPLE_RATE // 2})"
 

@@ -45,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from jat.codecs.base import SAMPLE_RATE
+from jat.config import DataConfig
 from jat.data.audio import (
     RESAMPLE_WIDTH,
     AudioError,
@@ -55,7 +56,6 @@ from jat.data.audio import (
     resample,
     resampled_length,
 )
-from jat.config import DataConfig
 from jat.data.degrade import simulate_lowres
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,217 @@
+"""The configuration's schema: one typed dataclass per section, the size presets, and `Config`.
+
+Every setting is written once: the dataclass field (with its comment) is the YAML key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from jat.config.safe_yaml import cut as _cut
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key path and the source named in the message."""
+
+
+@dataclass
+class ModelConfig:
+    """The DiT (docs/design.md section 3). Defaults are the V2 model on DAC latents."""
+
+    preset: str | None = None  # size preset this section started from (v1, v2, small, tiny); informational
+    in_channels: int = field(default_factory=lambda: _latent_dim("dac"))  # codec latent channels C (DAC's)
+    patch_size: int = 4  # latent frames per token (p)
+    hidden_size: int = 1024
+    depth: int = 16
+    num_heads: int = 16  # query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention); = num_heads for plain MHA
+    mlp_ratio: float = 4.0
+    bottleneck_dim: int = 512  # BottleneckPatchEmbed inner width
+    time_freq_dim: int = 512  # sinusoidal timestep features before the time MLP
+    pos_embed: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    max_tokens: int = 2048  # length of the learned position table (pos_embed=learned only)
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+    envelope_bands: int = 0  # extra output channels: a per-frame log-envelope (flow.precondition=band)
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "v2": {},
+    "v1": dict(hidden_size=768, depth=12, num_heads=12, num_kv_heads=12, bottleneck_dim=128,
+               pos_embed="learned"),
+    "small": dict(hidden_size=384, depth=6, num_heads=6, num_kv_heads=2, bottleneck_dim=256),
+    "tiny": dict(hidden_size=64, depth=2, num_heads=4, num_kv_heads=2, bottleneck_dim=64, time_freq_dim=64),
+}
+
+
+@dataclass
+class FlowConfig:
+    """Flow matching (docs/design.md section 4). Time convention: t = 0 is noise, t = 1 is data."""
+
+    timesteps: Literal["u_shaped", "uniform", "logit_normal"] = "u_shaped"
+    u_shape_a: float = 4.0  # density proportional to cosh(a (t - 1/2))
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    t_eps: float = 0.05  # clamp of (1 - t) when turning x-prediction into velocity
+    cond_dropout: float = 0.1  # probability of replacing the condition by the null latent
+    solver: Literal["euler", "heun"] = "heun"
+    steps: int = 32
+    cfg_scale: float = 1.0  # classifier-free guidance; 1.0 is off
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [lo, hi]
+    precondition: Literal["none", "band"] = "none"  # output parametrisation (flow.py docstring)
+    band_threshold: float = 0.1  # "band": condition RMS below this: channel absent; above 3x: carried
+    sigma_min: float = 0.05  # "band": residual scale of the channels the condition carries
+    band_level: Literal["average", "condition"] = "average"  # "band": expected level of an empty channel
+    envelope_loss: float = 1.0  # "band": weight of the envelope likelihood (flow.envelope_error); 0: none
+
+
+@dataclass
+class CodecConfig:
+    """The latent codec (docs/design.md section 2)."""
+
+    name: Literal["mdct", "dac"] = "dac"
+    dac_weights: str | None = None  # local .pth of DAC 44 kHz; None: the library's download cache
+    dac_model_type: str = "44khz"
+    dac_model_bitrate: str = "8kbps"
+    chunk_seconds: float = 30.0  # long audio is encoded/decoded in chunks of this length
+    mdct_compression: float = 0.5  # amplitude compression exponent of the mdct codec (1.0 = none)
+
+
+@dataclass
+class DataConfig:
+    """Training data (docs/design.md section 5)."""
+
+    train: str | None = None  # audio folder (recursive) or manifest .txt of audio paths
+    val: str | None = None  # audio folder or manifest for validation; None: no validation
+    latents: str | None = None  # pre-encoded latent shards (fast path); used instead of `train`
+    segment_seconds: float = 6.0
+    cutoff_min: float = 2000.0  # Hz, low-pass cutoff range of the LR simulation
+    cutoff_max: float = 16000.0
+    filters: list[str] = field(default_factory=lambda: list(_filter_families()))  # all of them
+    order_min: int = 2
+    order_max: int = 10
+    versions: int = 4  # degraded LR versions per clip when pre-encoding
+    num_workers: int = 0
+    strict: bool = False  # fail on the first bad file instead of skipping it
+    val_clips: int = 4  # validation clips sampled and scored every val_every steps
+    val_cutoff: float = 8000.0  # Hz, cutoff used to degrade validation clips
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01  # applied to matrices only
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0
+    fused: bool | None = None  # fused AdamW kernel; None: on (CUDA and CPU)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    output_dir: str = "runs/v2"
+    max_steps: int = 400_000
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 50
+    val_every: int = 5000
+    val_steps: int = 16  # sampler steps during validation
+    ckpt_every: int = 5000
+    keep_last: int = 3  # newest checkpoints kept, besides the best by validation LSD
+    compile: bool = False  # torch.compile the model
+    init_from: str | None = None  # start weights from this checkpoint (fine-tuning, QLoRA)
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class LoraConfig:
+    """LoRA / QLoRA fine-tuning (docs/design.md section 6)."""
+
+    mode: Literal["none", "lora", "qlora"] = "none"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "out", "fc1", "fc2"])
+    temporal_adapter: bool = False
+    temporal_dim: int = 64  # bottleneck width of the temporal adapter
+    temporal_kernel: int = 3
+
+
+@dataclass
+class Config:
+    """The whole run configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> Config:
+        from jat.config.loading import _apply_presets, _build
+        from jat.config.rules import validate
+
+        cfg = _build(cls, _apply_presets(data, source), "", source)
+        validate(cfg, source)
+        object.__setattr__(cfg, "source", source)  # where it came from, for later error messages
+        return cfg
+
+    def check_paths(self, need_data: bool = True) -> None:
+        """Fail before any work when a path the run needs does not exist, naming the key and the file."""
+        source = getattr(self, "source", "config")
+        keys = [("data.val", self.data.val), ("train.init_from", self.train.init_from),
+                ("codec.dac_weights", self.codec.dac_weights)]
+        if need_data:
+            if not (self.data.latents or self.data.train):
+                raise ConfigError(f"{source}: data.latents or data.train must name the training data")
+            keys.insert(0, ("data.latents", self.data.latents) if self.data.latents
+                        else ("data.train", self.data.train))
+        for key, value in keys:
+            if value and not Path(value).exists():
+                raise ConfigError(f"{source}: {key}: path not found: {_cut(value, 300)}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> Config:
+        from jat.config.loading import apply_override, load_yaml_tree
+
+        path = Path(path)
+        data = load_yaml_tree(path)
+        source = str(path)
+        for item in overrides or []:
+            apply_override(data, item)
+        if overrides:
+            source += " (with command-line overrides)"
+        return cls.from_dict(data, source)
+
+
+def _latent_dim(codec: str) -> int:
+    """Latent channels of a codec backend, from their home (`jat.codecs.LATENT_DIMS`)."""
+    from jat.codecs import LATENT_DIMS
+
+    return LATENT_DIMS[codec]
+
+
+def _filter_families() -> tuple[str, ...]:
+    """The LR simulation's filter families, from their home (`jat.data.degrade.FAMILIES`)."""
+    from jat.data.degrade import FAMILIES
+
+    return FAMILIES
+
