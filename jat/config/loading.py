@@ -17,6 +17,8 @@ from jat.config.safe_yaml import cut as _cut
 from jat.config.safe_yaml import show as _show
 from jat.config.schema import MODEL_PRESETS, Config, ConfigError, ModelConfig
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # shipped in the wheel
+
 
 def load_yaml_tree(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML file, following `base:` to the file it extends (deep-merged, this file wins)."""
@@ -164,11 +166,12 @@ def _key_hint(key: str, names: list[str], path: str) -> str:
 
 
 def resolve_config_path(name: str | Path) -> Path:
-    """`--config v2.yaml` finds configs/v2.yaml when no such file exists in the working directory."""
+    """`--config v2.yaml` finds configs/v2.yaml, else the packaged jat/configs/v2.yaml (so it works from any
+    folder once installed), when no such file exists in the working directory."""
     p = Path(name)
     if p.is_file():
         return p
-    for candidate in (Path("configs") / p, Path(__file__).resolve().parents[2] / "configs" / p):
+    for candidate in (Path("configs") / p, PACKAGED_CONFIGS / p):
         if candidate.is_file():
             return candidate
         if candidate.with_suffix(".yaml").is_file():

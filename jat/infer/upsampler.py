@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jat.checkpoint import load
+from jat.checkpoint import hub, load
 from jat.codecs import Codec
 from jat.codecs.base import SAMPLE_RATE
 from jat.codecs.latent import LatentSpace
@@ -219,7 +219,8 @@ class Upsampler:
                         codec: Codec | None = None, precision: str = "auto",
                         adapter: str | Path | None = None, force_adapter: bool = False,
                         **kwargs) -> Upsampler:
-        """Load a checkpoint directory (or its weights.safetensors); EMA weights by default.
+        """Load a checkpoint directory (or its weights.safetensors, or `hf://org/name[@rev]` from the
+        Hugging Face Hub, `jat.checkpoint.hub`); EMA weights by default.
 
         `adapter` (an adapter file or a LoRA training checkpoint) goes on top of the checkpoint; a LoRA
         training checkpoint given alone loads onto its base (its train.init_from); a merged checkpoint
@@ -227,12 +228,21 @@ class Upsampler:
         statistics or the codec do not fit the stored config. kwargs go to the constructor.
         """
         dev = pick_device(device)
+        path = hub.resolve(path)  # hf://org/name: the local snapshot of that Hub repository
         model, cfg, base = load.load_model(path, adapter, ema, dev, force=force_adapter)
         latents = load.latent_space(base, cfg, codec)
         kwargs.setdefault("window_seconds", cfg.data.segment_seconds)
         up = cls(model, latents, FlowMatching(cfg.flow), dev, precision=precision, **kwargs)
         up.cfg, up.checkpoint = cfg, Path(path)
         return up
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, revision: str | None = None, **kwargs) -> Upsampler:
+        """An inference folder (`jat-export`) from the Hugging Face Hub (`org/name`, at `revision`), or a
+        local folder or checkpoint; kwargs as for `from_checkpoint`."""
+        if revision and hub.is_hub_name(name):
+            name = f"{hub.PREFIX}{str(name).removeprefix(hub.PREFIX).partition('@')[0]}@{revision}"
+        return cls.from_checkpoint(name, **kwargs)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)

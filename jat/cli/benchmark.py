@@ -1,0 +1,188 @@
+"""Benchmark training and inference against this machine's yardsticks and a plain reference.
+
+    python scripts/benchmark.py [--configs small v2] [--batches 2 8] [--json OUT]
+
+Prints a table and writes JSON (flat keys such as `train.v2.bf16.b8.mfu`). Everything is measured
+in one run: MFU is achieved FLOP/s over the matmul peak measured at the start, the optimizer step
+is compared with its bandwidth bound (bytes moved / measured copy bandwidth), and ours is compared
+with a plain reference implementation (explicit attention with repeated K/V, default AdamW).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from jat.codecs import build_codec, latent_frames
+from jat.config import CodecConfig
+from jat.evaluation.benchmark import (
+    build,
+    copy_bandwidth,
+    matmul_peak,
+    measure_inference,
+    named_config,
+)
+
+
+def codec_decode_seconds(codec_name: str, seconds: float) -> float:
+    """Decode time of `seconds` of latents; DAC uses the real 44 kHz architecture with random weights."""
+    if codec_name == "dac":
+        import dac
+
+        from jat.codecs import DACCodec
+
+        codec = DACCodec(dac.DAC().eval())
+    else:
+        codec = build_codec(CodecConfig(name="mdct"))
+    z = torch.randn(1, codec.latent_dim, latent_frames(seconds))
+    with torch.no_grad():
+        codec.decode(z[..., :8])
+        tic = time.perf_counter()
+        codec.decode(z, length=round(seconds * codec.sample_rate))
+    return time.perf_counter() - tic
+
+
+def run_case(*args, env: dict[str, str] | None = None) -> dict:
+    """A measurement of jat.evaluation.benchmark in a fresh process (own peak memory, no order effects)."""
+    proc = subprocess.run([sys.executable, "-m", "jat.evaluation.benchmark", *map(str, args)],
+                          capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {args} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def best_of_rounds(cases: dict[str, tuple], rounds: int,
+                   env: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Run each case `rounds` times, alternating between them (A B A B ...), each in a fresh process;
+    keep each case's fastest run. Alternating makes slow phases of a shared machine hit both sides."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, args in cases.items():
+            r = run_case(*args, env=(env or {}).get(name))
+            if name not in best or r["step_s"] < best[name]["step_s"]:
+                best[name] = r
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["small", "v2"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[2, 8])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--seconds", type=float, default=6.0, help="training clip length")
+    ap.add_argument("--infer-seconds", type=float, default=10.0)
+    ap.add_argument("--infer-steps", nargs="+", type=int, default=[8, 32])
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per process (the best counts)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="fresh processes per training case, alternating ours and the reference")
+    ap.add_argument("--no-reference", action="store_true", help="skip the plain reference")
+    ap.add_argument("--no-ablation", action="store_true",
+                    help="skip the runtime ablation (ours without, the reference with jat/runtime.py; "
+                         "--no-reference skips it too)")
+    ap.add_argument("--no-dac", action="store_true", help="skip timing the DAC decoder")
+    ap.add_argument("--no-finetune", action="store_true", help="skip the full/LoRA/QLoRA comparison")
+    ap.add_argument("--finetune-config", default="v2", help="model preset for the fine-tuning comparison")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    out: dict[str, float | str] = {"machine": platform.processor() or platform.machine(),
+                                   "threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    bw = copy_bandwidth()
+    out.update({"peak.fp32.gflops": peak["fp32"] / 1e9, "peak.bf16.gflops": peak["bf16"] / 1e9,
+                "copy_bandwidth.gbps": bw / 1e9})
+    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s")
+
+    frames = latent_frames(args.seconds)
+    print(f"\ntraining step, {args.seconds:g} s clips ({frames} frames)")
+    print(f"{'config':<7}{'impl':<6}{'dtype':<6}{'batch':>5}{'fwd+bwd s':>11}{'MFU':>7}{'opt s':>8}"
+          f"{'opt/bound':>10}{'step s':>8}{'tokens/s':>10}{'peak MB':>9}")
+    kinds = ["ours"] + ([] if args.no_reference else ["ref"])
+    for name in args.configs:
+        for dtype in args.dtypes:
+            for b in args.batches:
+                cases = {kind: ("train", name, kind, dtype, b, args.seconds, args.repeats) for kind in kinds}
+                for kind, r in best_of_rounds(cases, args.rounds).items():
+                    mfu = r["fwd_bwd_flops_per_s"] / peak[dtype]
+                    bound = r["optimizer_bytes"] / bw
+                    key = f"train.{name}.{dtype}.b{b}" + ("" if kind == "ours" else ".ref")
+                    out.update({f"{key}.{k}": v for k, v in r.items()})
+                    out[f"{key}.mfu"] = mfu
+                    out[f"{key}.opt_vs_bound"] = r["opt_s"] / bound
+                    print(f"{name:<7}{kind:<6}{dtype:<6}{b:>5}{r['fwd_bwd_s']:>11.3f}{mfu:>7.1%}{r['opt_s']:>8.3f}"
+                          f"{r['opt_s'] / bound:>10.2f}{r['step_s']:>8.3f}{r['tokens_per_s']:>10.0f}"
+                          f"{r['peak_mem_mb']:>9.0f}")
+                if "ref" in kinds:
+                    k = f"train.{name}.{dtype}.b{b}"
+                    out[f"{k}.speedup_vs_ref"] = out[f"{k}.ref.step_s"] / out[f"{k}.step_s"]
+                    # the most any implementation could gain: every matmul at the measured peak, no
+                    # other work in forward+backward, and our optimizer step
+                    floor = out[f"{k}.flops"] / peak[dtype] + out[f"{k}.opt_s"]
+                    out[f"{k}.speedup_ceiling"] = out[f"{k}.ref.step_s"] / floor
+                    print(f"{'':<7}whole step {out[f'{k}.speedup_vs_ref']:.2f}x the reference's "
+                          f"(at 100 % MFU it would be {out[f'{k}.speedup_ceiling']:.2f}x)")
+
+    if not (args.no_reference or args.no_ablation):  # what jat/runtime.py alone is worth
+        name, dtype, b = args.configs[-1], args.dtypes[-1], max(args.batches)
+        print(f"\nruntime ablation, {name} {dtype} batch {b}: step s (fwd+bwd s + opt s)")
+        key = f"train.{name}.{dtype}.b{b}"
+        labels = {"ours_untuned": "ours, untuned runtime", "ref_tuned": "ref, jat's runtime settings"}
+        cases = {"ours_untuned": ("train", name, "ours", dtype, b, args.seconds, args.repeats),
+                 "ref_tuned": ("train", name, "ref+tuned", dtype, b, args.seconds, args.repeats)}
+        best = best_of_rounds(cases, args.rounds, env={"ours_untuned": {"JAT_CPU_TUNING": "0"}})
+        for tag, r in best.items():
+            out.update({f"{key}.{tag}.{k}": v for k, v in r.items()})
+            print(f"  {labels[tag]:<29}{r['step_s']:>7.3f} ({r['fwd_bwd_s']:.3f} + {r['opt_s']:.3f})")
+        out[f"{key}.speedup_vs_ref_tuned"] = out[f"{key}.ref_tuned.step_s"] / out[f"{key}.step_s"]
+        print(f"  ours against the reference with the same runtime settings: "
+              f"{out[f'{key}.speedup_vs_ref_tuned']:.2f}x")
+
+    print(f"\ninference, {args.infer_seconds:g} s clip, batch 1, Heun")
+    print(f"{'config':<7}{'dtype':<6}{'steps':>6}{'network s':>11}{'MFU':>7}{'codec s':>9}{'RTF':>7}")
+    for name in args.configs:
+        full = named_config(name)
+        cfg, codec_name = full.model, full.codec.name
+        if codec_name == "dac" and args.no_dac:
+            codec_s = float("nan")
+        else:
+            codec_s = codec_decode_seconds(codec_name, args.infer_seconds)
+        model, _ = build("ours", cfg)
+        for dtype in ("bf16",):
+            for steps in args.infer_steps:
+                r = measure_inference(model, cfg, args.infer_seconds, steps, "heun", dtype)
+                mfu = r["flops_per_s"] / peak[dtype]
+                rtf = (r["network_s"] + codec_s) / args.infer_seconds
+                key = f"infer.{name}.{dtype}.s{steps}"
+                out.update({f"{key}.{k}": v for k, v in r.items()})
+                out.update({f"{key}.mfu": mfu, f"{key}.codec_s": codec_s, f"{key}.rtf": rtf})
+                print(f"{name:<7}{dtype:<6}{steps:>6}{r['network_s']:>11.2f}{mfu:>7.1%}{codec_s:>9.2f}{rtf:>7.2f}")
+        del model
+
+    if not args.no_finetune:
+        print(f"\nfine-tuning modes, {args.finetune_config}, batch 2 of {args.seconds:g} s, fp32,"
+              " one process each")
+        print(f"{'mode':<7}{'trainable':>12}{'frozen MB':>11}{'step s':>8}{'peak MB':>9}")
+        for mode in ("full", "lora", "qlora"):
+            r = run_case("finetune", mode, args.finetune_config)
+            out.update({f"finetune.{args.finetune_config}.{mode}.{k}": v for k, v in r.items()})
+            print(f"{mode:<7}{r['trainable']:>12,}{r['frozen_mb']:>11.0f}{r['step_s']:>8.2f}{r['peak_mem_mb']:>9.0f}")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, sort_keys=True)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

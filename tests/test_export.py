@@ -1,0 +1,116 @@
+"""Inference folders (jat-export), Hub loading (hf://, from_pretrained; offline, from a local Hub cache
+made here) and the installed package (a wheel's console commands and configs, outside the repository)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, make_checkpoint
+
+from jat.checkpoint import store as ckpt
+from jat.checkpoint.export import export_inference
+from jat.checkpoint.hub import is_hub_name
+from jat.cli.export import main as export_main
+from jat.data.synth import demo_clip
+from jat.infer.upsampler import Upsampler
+
+COMMANDS = ("jat-train", "jat-infer", "jat-eval", "jat-precompute", "jat-bench", "jat-corpus", "jat-overfit",
+            "jat-demo", "jat-merge", "jat-model-info", "jat-export", "jat-web")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def _upsample(up: Upsampler) -> torch.Tensor:
+    x = torch.from_numpy(demo_clip(1.0, 16000, seed=4))[None]  # [1, L] at 16 kHz
+    return up.upsample(x, 16000, steps=3, seed=2).audio
+
+
+def test_export_keeps_the_ema_weights_alone_and_upsamples_identically(checkpoint, tmp_path):
+    out = tmp_path / "exported"
+    assert export_main(["--checkpoint", str(checkpoint.parent), "--out", str(out)]) == 0  # a run folder
+    record = json.loads((out / "export.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export.json", "weights.safetensors"]
+    groups = {k.split(".")[0] for k, _ in ckpt.read_tensors(out / "weights.safetensors")[0].items()}
+    assert groups == {"ema", "norm"}  # no raw weights, no optimizer, no RNG
+    full = sum(p.stat().st_size for p in checkpoint.iterdir())
+    assert record["checkpoint_bytes"] == full and record["bytes"] < 0.55 * full
+    assert torch.equal(_upsample(Upsampler.from_pretrained(out, device="cpu", precision="fp32")),
+                       _upsample(Upsampler.from_checkpoint(checkpoint, device="cpu", precision="fp32")))
+    card = (out / "README.md").read_text()
+    assert "| parameters | " in card and f"| trained | {record['step']} steps" in card
+    with pytest.raises(ckpt.CheckpointError, match="no 'model' tensors"):  # the raw weights are gone
+        Upsampler.from_checkpoint(out, device="cpu", ema=False)
+
+
+def test_bf16_export_halves_the_weights_and_stays_close(checkpoint, tmp_path):
+    fp32 = export_inference(checkpoint, tmp_path / "fp32")
+    bf16 = export_inference(checkpoint, tmp_path / "bf16", dtype="bf16")
+    norm_bytes = 2 * 4 * 512 + 2000  # the fp32 statistics and the header stay
+    assert bf16["bytes"] < 0.5 * fp32["bytes"] + norm_bytes
+    a = _upsample(Upsampler.from_pretrained(tmp_path / "fp32", device="cpu", precision="fp32"))
+    b = _upsample(Upsampler.from_pretrained(tmp_path / "bf16", device="cpu", precision="fp32"))
+    assert not torch.equal(a, b)
+    # weights rounded to 8 mantissa bits (relative 2^-9) move a random tiny network's output by a few %
+    assert float((a - b).norm() / a.norm()) < 0.1
+
+
+def _hub_cache(root: Path, repo: str, folder: Path, commit: str = "0123456789abcdef") -> Path:
+    """A local Hugging Face cache holding `folder` as revision `main` of model repository `repo`."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_hub_names_load_from_the_hub_cache_offline(checkpoint, tmp_path, monkeypatch):
+    export_inference(checkpoint, tmp_path / "exported")
+    snap = _hub_cache(tmp_path / "hub", "org/tiny", tmp_path / "exported")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert is_hub_name("hf://org/tiny") and is_hub_name("org/tiny") and not is_hub_name(str(checkpoint))
+    want = _upsample(Upsampler.from_checkpoint(tmp_path / "exported", device="cpu", precision="fp32"))
+    for name in ("hf://org/tiny", "org/tiny", "hf://org/tiny@main"):
+        up = Upsampler.from_pretrained(name, device="cpu", precision="fp32")
+        assert up.checkpoint == snap
+        assert torch.equal(_upsample(up), want)
+    with pytest.raises(ckpt.CheckpointError, match="hf://org/other: not in the local Hub cache"):
+        Upsampler.from_checkpoint("hf://org/other", device="cpu")
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_commands_and_configs_that_work_outside_the_repository(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheels), str(ROOT)], check=True, capture_output=True)
+    [wheel] = wheels.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"jat/configs/{n}.yaml" for n in ("v2", "small", "tiny", "real")} <= set(names)
+    target = tmp_path / "installed"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                    str(wheel)], check=True, capture_output=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    where = subprocess.run([sys.executable, "-c", "import jat, jat.config as c; print(jat.__file__); "
+                            "print(c.resolve_config_path('v2.yaml'))"], cwd=outside, env=env,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert where[0].startswith(str(target)) and where[1].startswith(str(target))  # not the checkout
+    for command in COMMANDS:
+        proc = subprocess.run([str(target / "bin" / command), "--help"], cwd=outside, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{command} --help: {proc.stderr[-1500:]}"
+        assert "usage:" in proc.stdout
