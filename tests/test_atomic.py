@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import CHILD_ENV
 
 from jat import atomic
 from jat.atomic import TargetExistsError, place, remove_stale_temps, temp_path, write_atomic
@@ -130,9 +131,7 @@ def test_killed_writer_leaves_a_temp_that_the_next_run_removes(tmp_path):
     path = tmp_path / "shard.safetensors"
     script = ("import os, sys; from pathlib import Path; from jat.atomic import write_atomic; "
               "write_atomic(Path(sys.argv[1]), lambda tmp: (tmp.write_bytes(b'half'), os._exit(9)))")
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], env=CHILD_ENV)
     assert proc.wait(timeout=120) == 9
     leftover = tmp_path / f".shard.{proc.pid}.tmp.safetensors"
     assert _names(tmp_path) == [leftover.name] and leftover.read_bytes() == b"half"

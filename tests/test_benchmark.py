@@ -1,19 +1,19 @@
 """The benchmark's FLOP count and its plain reference are right, so its ratios mean something."""
 
-import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 import torch
+from helpers import ROOT, load_script, trained_jat
+from torch.utils.flop_counter import FlopCounterMode
 
-from jat.evaluation.benchmark import RefJaT, forward_flops, measure_train, tokenwise_weights
+from jat.evaluation.benchmark import RefJaT, forward_flops, measure_train, tokenwise_weights, train_flops
 from jat.model.dit import JaT, model_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tokenwise_weights_match_the_model_layers():
@@ -27,11 +27,24 @@ def test_tokenwise_weights_match_the_model_layers():
         assert tokenwise_weights(cfg) == sum(m.weight.numel() for m in linears)
 
 
-def test_forward_flops_by_hand_for_v2():
-    cfg = model_config("v2")
-    N = math.ceil(517 / 4)  # 130 tokens for 6 s
-    W = 8192 * 512 + 512 * 1024 + 16 * (1024 * 1024 * 2 + 2 * 1024 * 256 + 2 * 1024 * 4096) + 1024 * 4096
-    assert forward_flops(cfg, 2, 517) == 2 * (2 * W * N + 16 * 4 * N * N * 1024)
+PER_SAMPLE = re.compile(r"JaT\.(t_embedder|blocks\.\d+\.adaLN_modulation|final_layer\.adaLN_modulation)")
+
+
+@pytest.mark.parametrize("preset,C", [("tiny", 8), ("small", 16)])
+def test_forward_flops_are_the_matmul_flops_a_forward_pass_runs(preset, C):
+    """forward_flops = every matmul FLOP of a forward pass, as torch's FlopCounterMode counts them while
+    the model runs (attention included), but the per-sample ones (time embedding, adaLN), which do not
+    grow with the clip; with a ragged last patch too (T not a multiple of the patch size)."""
+    cfg = model_config(preset, in_channels=C)
+    model = JaT(cfg)
+    for batch, frames in ((1, 40), (2, 81), (3, 130)):
+        x = torch.randn(batch, C, frames)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x, torch.rand(batch), x)
+        per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+        per_sample = sum(n for name, n in per_module.items() if PER_SAMPLE.fullmatch(name))
+        assert per_sample > 0 and per_sample % batch == 0
+        assert counter.get_total_flops() - per_sample == forward_flops(cfg, batch, frames), (batch, frames)
 
 
 def _copy_into_reference(model: JaT, ref: RefJaT) -> None:
@@ -49,12 +62,9 @@ def _copy_into_reference(model: JaT, ref: RefJaT) -> None:
 
 
 def _model_and_reference() -> tuple[JaT, RefJaT]:
-    """A small JaT with every parameter non-zero, and the reference holding the same weights."""
-    torch.manual_seed(0)
+    """A small trained-looking JaT (every parameter non-zero), and the reference holding the same weights."""
     cfg = model_config("small", in_channels=16)
-    model = JaT(cfg)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
+    model = trained_jat(cfg, seed=0, std=0.05)
     ref = RefJaT(cfg)
     _copy_into_reference(model, ref)
     return model, ref
@@ -67,17 +77,20 @@ def test_reference_computes_the_same_function():
         assert torch.allclose(model(x, t, c), ref(x, t, c), atol=1e-4, rtol=1e-4)
 
 
-def test_measure_train_reports_consistent_figures():
+def test_measure_train_times_real_training_steps():
+    """The figures are measurements of real steps: the weights moved, the exact FLOP count of the shape
+    is reported, and one warm-up plus one timed call of each half fit in the call's own wall time."""
     cfg = model_config("tiny", in_channels=8)
     model = JaT(cfg)
     opt = torch.optim.AdamW(model.parameters(), fused=True, weight_decay=0.0)
     before = model.final_layer.linear.bias.detach().clone()
+    tic = time.perf_counter()
     r = measure_train(model, opt, cfg, batch=2, frames=40, dtype="fp32", repeats=1)
+    wall = time.perf_counter() - tic
     assert not torch.equal(model.final_layer.linear.bias, before)  # gradients flowed and steps were taken
-    assert r["fwd_bwd_s"] > 0 and r["opt_s"] > 0
-    assert r["step_s"] == r["fwd_bwd_s"] + r["opt_s"]
-    assert r["fwd_bwd_flops_per_s"] == r["flops"] / r["fwd_bwd_s"]
-    assert r["tokens_per_s"] == 2 * 10 / r["step_s"]
+    assert r["flops"] == train_flops(cfg, 2, 40)
+    assert 0 < 2 * r["fwd_bwd_s"] + 2 * r["opt_s"] <= wall  # each half ran twice, the best time is kept
+    assert r["fwd_bwd_flops_per_s"] >= r["flops"] / wall and r["tokens_per_s"] >= 2 * 10 / wall
 
 
 def test_bf16_autocast_is_as_accurate_as_a_plain_autocast_model():
@@ -108,8 +121,7 @@ def test_bf16_autocast_is_as_accurate_as_a_plain_autocast_model():
 @pytest.mark.slow
 def test_benchmark_script_end_to_end(tmp_path):
     """scripts/benchmark.py on the tiny config: the training, ablation and inference tables are
-    measured, each side runs with the runtime settings it claims, and the JSON's ratios are the ratios
-    of its own measurements."""
+    measured, each side runs with the runtime settings it claims, and the figures are in range."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--configs", "tiny", "--batches", "2",
            "--dtypes", "bf16", "--rounds", "1", "--repeats", "1", "--seconds", "1", "--infer-seconds", "1",
@@ -118,23 +130,17 @@ def test_benchmark_script_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     k = "train.tiny.bf16.b2"
-    peak = r["peak.bf16.gflops"] * 1e9
-    assert r[f"{k}.mfu"] == pytest.approx(r[f"{k}.flops"] / r[f"{k}.fwd_bwd_s"] / peak)
-    assert r[f"{k}.speedup_vs_ref"] == pytest.approx(r[f"{k}.ref.step_s"] / r[f"{k}.step_s"])
-    floor = r[f"{k}.flops"] / peak + r[f"{k}.opt_s"]
-    assert r[f"{k}.speedup_ceiling"] == pytest.approx(r[f"{k}.ref.step_s"] / floor)
-    assert r[f"{k}.speedup_ceiling"] > r[f"{k}.speedup_vs_ref"]  # nothing beats every matmul at the peak
+    assert 0 < r[f"{k}.mfu"] < 1  # a fraction of this machine's measured matmul peak
+    assert 0 < r[f"{k}.speedup_vs_ref"] < r[f"{k}.speedup_ceiling"]  # nothing beats every matmul at the peak
+    assert 0 < r[f"{k}.speedup_vs_ref_tuned"] < math.inf
     assert r[f"{k}.cpu_tuned"] is True and r[f"{k}.ref.cpu_tuned"] is False
     assert r[f"{k}.ours_untuned.cpu_tuned"] is False and r[f"{k}.ref_tuned.cpu_tuned"] is True
-    assert r[f"{k}.speedup_vs_ref_tuned"] == pytest.approx(r[f"{k}.ref_tuned.step_s"] / r[f"{k}.step_s"])
     assert 0 < r["infer.tiny.bf16.s2.mfu"] < 1 and r["infer.tiny.bf16.s2.nfe"] == 3
     assert "whole step" in proc.stdout and "runtime ablation" in proc.stdout
 
 
 def test_best_of_rounds_alternates_cases_and_keeps_each_ones_fastest(monkeypatch):
-    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("benchmark")
     times = iter([3.0, 5.0, 2.0, 6.0, 4.0, 4.0])  # A B A B A B
     calls = []
 

@@ -3,7 +3,6 @@ resumable precompute."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import scipy.signal
 import soundfile as sf
 import torch
+from helpers import load_script
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -32,7 +32,6 @@ from jat.data.datasets import (
 )
 
 SR = SAMPLE_RATE
-ROOT = Path(__file__).resolve().parent.parent
 CFG = DataConfig(segment_seconds=1.0)  # raw-audio tests: 44100-sample segments
 PRE_CFG = DataConfig(segment_seconds=0.5)  # precompute tests: 22050 samples, 44 latent frames
 T_SEG = 44
@@ -255,48 +254,50 @@ def test_precompute_writes_shards_and_stats(latents):
         torch.testing.assert_close(norm.std.double(), std, rtol=1e-4, atol=1e-5)
 
 
+def shard_files(out: Path) -> dict[str, tuple[int, int]]:
+    """Each shard's file identity (inode, mtime): a shard written again (atomically) gets a new one."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.glob("shard-*"))}
+
+
 def test_interrupted_precompute_redoes_only_unfinished_shards(latents, tmp_path: Path, monkeypatch):
     clips, reference, _ = latents
     out = tmp_path / "lat"
-    calls = []
-    real = pre.encode_shard
+    real, encoded = pre.encode_shard, []
 
-    def killed_after_first(units, *args, **kwargs):
-        calls.append(units)
-        if len(calls) == 2:
+    def killed_in_second(units, *args, **kwargs):
+        encoded.append(units)
+        if len(encoded) == 2:
             raise KeyboardInterrupt  # as if the run were killed while encoding the second shard
         return real(units, *args, **kwargs)
 
-    monkeypatch.setattr(pre, "encode_shard", killed_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_precompute(clips, out)
+    with monkeypatch.context() as patch:
+        patch.setattr(pre, "encode_shard", killed_in_second)
+        with pytest.raises(KeyboardInterrupt):
+            run_precompute(clips, out)
     assert sorted(p.name for p in out.iterdir()) == ["shard-00000.safetensors"]
-    first_mtime = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    first = shard_files(out)
 
-    counted = lambda units, *a, **k: calls.append(units) or real(units, *a, **k)
-    monkeypatch.setattr(pre, "encode_shard", counted)
-    calls.clear()
     run_precompute(clips, out)
-    assert len(calls) == 2
-    assert [u.key for u in calls[0]] == ["b_22k.flac"] * 3  # shard 1 onwards; shard 0 was kept
-    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first_mtime
+    done = shard_files(out)
+    assert done["shard-00000.safetensors"] == first["shard-00000.safetensors"]  # kept, not redone
     names = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in out.iterdir()) == names
     for name in names:  # the same seed gives byte-identical shards, stats and meta
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
-    # a finished folder is left alone; a damaged shard is found and redone
-    calls.clear()
+    # a finished folder is left alone; a damaged shard is found and redone, and only it
     run_precompute(clips, out)
-    assert calls == []
+    assert shard_files(out) == done
     shard = out / "shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
+    damaged = shard_files(out)
     run_precompute(clips, out)
-    assert len(calls) == 1 and shard.read_bytes() == (reference / shard.name).read_bytes()
+    again = shard_files(out)
+    assert [n for n in again if again[n] != damaged[n]] == [shard.name]
+    assert shard.read_bytes() == (reference / shard.name).read_bytes()
     # another seed is other work: every shard is redone, with other degradations
-    calls.clear()
     run_precompute(clips, out, seed=1)
-    assert len(calls) == 3
+    assert all(v != again[n] for n, v in shard_files(out).items()) and len(again) == 3
     assert not torch.equal(load_file(shard)["cutoff"], load_file(reference / shard.name)["cutoff"])
 
 
@@ -384,10 +385,7 @@ def test_latent_dataset_errors_name_the_file(latents, tmp_path: Path):
 
 
 def test_precompute_script(tmp_path: Path, capsys: pytest.CaptureFixture):
-    path = ROOT / "scripts" / "precompute_latents.py"
-    spec = importlib.util.spec_from_file_location("precompute_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("precompute_latents")
     data = tmp_path / "data"
     data.mkdir()
     write_clip(data / "clip.wav", 0.4, 48000, 1, seed=0)

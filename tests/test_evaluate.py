@@ -1,9 +1,9 @@
 """The one scoring path (score_clip) and its users: evaluation, validation, scripts/evaluate.py."""
 
-import importlib.util
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import ROOT, load_script, make_checkpoint
 
 from jat.codecs.base import SAMPLE_RATE
 from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
@@ -22,14 +23,8 @@ from jat.evaluation.metrics import evaluate_pair, lsd_split
 from jat.infer.upsampler import Upsampler
 from jat.train.validation import Validator, make_clip
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_inference import make_checkpoint  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 SR = SAMPLE_RATE
-spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-evaluate_script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(evaluate_script)
+evaluate_script = load_script("evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +71,36 @@ def test_score_clip_is_the_shipped_path(checkpoint):
     assert torch.equal(score.fill, noise_fill(lr, 6000.0, SR, seed=3))
     assert score.octaves["model"].mean_abs == pytest.approx(score.metrics["octave_err_model"])
     assert set(score.metrics) == set(METRICS)
-    assert score.metrics["rtf"] > 0
+
+
+def test_rtf_is_the_upsampling_time_over_the_clip_duration(checkpoint):
+    """rtf: the time to upsample (network, codec, replacement), per second of audio. The network is
+    slowed by a known sleep per call: rtf x duration lies between the time slept and the whole call."""
+    up = Upsampler.from_checkpoint(checkpoint, device="cpu", precision="fp32", window_seconds=0.5,
+                                   overlap_seconds=0.2)
+    hr, lr = degraded(1.5, 6000.0, seed=4)
+    slept, forward = [], up.model.forward
+
+    def slow_forward(*args, **kwargs):  # a slow network
+        time.sleep(0.05)
+        slept.append(0.05)
+        return forward(*args, **kwargs)
+
+    up.model.forward = slow_forward
+    tic = time.perf_counter()
+    score = score_clip(up, hr, lr, 6000.0, steps=2, seed=3)
+    wall = time.perf_counter() - tic
+    duration = hr.shape[-1] / SR
+    assert len(slept) >= 3  # several windows and steps: the sleeps add up to something measurable
+    assert sum(slept) <= score.metrics["rtf"] * duration <= wall
 
 
 def test_validator_reports_score_clip_figures(checkpoint):
     up = Upsampler.from_checkpoint(checkpoint, device="cpu", precision="fp32")
     clips = [make_clip(f"c{i}", degraded(1.0, 8000.0, seed=i)[0], 8000.0) for i in range(2)]
-    calls = []
-    writer = SimpleNamespace(add_audio=lambda tag, *a, **k: calls.append(tag),
-                             add_image=lambda tag, *a, **k: calls.append(tag))
+    logged = {}  # tag -> (value, step, keyword arguments), as a SummaryWriter stores them
+    log = lambda tag, value, step, **kw: logged.update({tag: (value, step, kw)})  # noqa: E731
+    writer = SimpleNamespace(add_audio=log, add_image=log)
     validator = Validator(clips, steps=2, seed=5, window_seconds=up.cfg.data.segment_seconds)
     got = validator(up.model, up.latents, up.flow, writer, step=7)
     same = Upsampler(up.model, up.latents, up.flow, "cpu", window_seconds=up.cfg.data.segment_seconds)
@@ -100,7 +116,15 @@ def test_validator_reports_score_clip_figures(checkpoint):
                 "octave_err_fill", "lsd_hf_sinc"):
         assert isinstance(got[key], float), key
     assert torch.equal(validator.last_outputs[0], scores[0].output)
-    assert "val_audio/c0/noise_fill" in calls and "val_spec/c1/output" in calls
+    kinds = ("lr", "noise_fill", "output", "hr")
+    assert set(logged) == {f"val_{m}/c{i}/{k}" for m in ("audio", "spec") for i in (0, 1) for k in kinds}
+    assert all(step == 7 for _, step, _ in logged.values())
+    for i, (clip, score) in enumerate(zip(clips, scores, strict=True)):  # what was heard is what was scored
+        for kind, audio in (("output", score.output), ("noise_fill", score.fill), ("hr", clip.hr)):
+            value, _, kw = logged[f"val_audio/c{i}/{kind}"]
+            assert kw["sample_rate"] == SR and torch.equal(value, audio.reshape(-1).clamp(-1, 1)), kind
+        image, _, kw = logged[f"val_spec/c{i}/output"]
+        assert image.shape[::2] == (1025, 3) and kw == {"dataformats": "HWC"}  # an RGB image, 1025 bins high
 
 
 # --- evaluate() with an oracle ---------------------------------------------------------------------------

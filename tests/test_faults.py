@@ -11,12 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    CHILD_ENV,
+    DDP_ENV,
+    ROOT,
+    TESTS,
+    WORKER,
+    ddp_launch,
+    flip_byte,
+    load_script,
+    make_checkpoint,
+    tiny_trainer,
+)
 from safetensors.torch import load_file
 
 from jat.checkpoint import store as ckpt
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = Path(__file__).parent / "train_worker.py"
 STEPS = 24
 ARGS = ["2", str(STEPS), "train.ckpt_every=2", "train.keep_last=2"]
 
@@ -32,9 +42,8 @@ def assert_all_complete(out: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, str(WORKER), str(ref), *ARGS], check=True, env=env, cwd=ROOT,
+    subprocess.run([sys.executable, str(WORKER), str(ref), *ARGS], check=True, env=CHILD_ENV, cwd=ROOT,
                    capture_output=True, timeout=600)
 
     out = tmp_path / "killed"
@@ -43,7 +52,7 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path
     for attempt in range(40):
         before = ckpt.latest_checkpoint(out)
         proc = subprocess.Popen([sys.executable, str(WORKER), str(out), *ARGS, "--resume", "auto",
-                                 "--slow-save", "0.15"], env=env, cwd=ROOT,
+                                 "--slow-save", "0.15"], env=CHILD_ENV, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # half the kills wait for a checkpoint write in progress, the others land anywhere
         during_write = attempt % 2 == 0
@@ -82,16 +91,8 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path
 
 
 def test_disk_full_during_checkpoint_keeps_previous_ones(tmp_path, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_worker import RandomLatents, make_config
-
-    from jat.codecs import LatentNorm
-    from jat.train.data import prepare
-    from jat.train.trainer import Trainer
-
     out = tmp_path / "run"
-    cfg = make_config(str(out), 2, 6)
-    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
+    trainer = tiny_trainer(out)
     trainer.fit(until=3)
     good = load_file(str(out / "ckpt-00000003" / "weights.safetensors"))
 
@@ -108,13 +109,9 @@ def test_disk_full_during_checkpoint_keeps_previous_ones(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_one_rank_failing_stops_both_without_hanging(tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29519", str(WORKER), str(tmp_path / "ddp"), "2", "50",
-              "--fail-rank", "1"]
+    launch = ddp_launch(29519, tmp_path / "ddp", 2, 50, "--fail-rank", 1)
     tic = time.monotonic()
-    proc = subprocess.run(launch, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    proc = subprocess.run(launch, env=DDP_ENV, cwd=ROOT, timeout=300, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     assert time.monotonic() - tic < 120  # stopped, not waiting out the collective timeout
@@ -181,9 +178,6 @@ def test_disk_full_during_inference_keeps_existing_output(tmp_path, capsys, monk
     import numpy as np
     import soundfile as sf
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_inference import infer, make_checkpoint
-
     from jat.data.synth import demo_clip
 
     checkpoint = make_checkpoint(tmp_path / "ckpt")
@@ -201,8 +195,8 @@ def test_disk_full_during_inference_keeps_existing_output(tmp_path, capsys, monk
     import jat.data.audio
 
     monkeypatch.setattr(jat.data.audio.sf, "write", full_for_a)
-    rc = infer.main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--checkpoint", str(checkpoint),
-                     "--overwrite", "--steps", "2", "--device", "cpu", "-q"])
+    rc = load_script("infer").main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--checkpoint",
+                                    str(checkpoint), "--overwrite", "--steps", "2", "--device", "cpu", "-q"])
     err = capsys.readouterr().err
     assert rc == 1
     lines = [line for line in err.splitlines() if "a_jat.wav" in line]
@@ -226,8 +220,7 @@ time.sleep(300)
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another process holding `folder`'s run lock (until killed)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], env=CHILD_ENV, cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -235,19 +228,6 @@ def hold_lock(folder: Path) -> subprocess.Popen:
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
-
-
-def tiny_trainer(out: Path, steps: int = 6, resume: str | None = None, **extra):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_worker import RandomLatents, make_config
-
-    from jat.codecs import LatentNorm
-    from jat.train.data import prepare
-    from jat.train.trainer import Trainer
-
-    torch.manual_seed(0)
-    cfg = make_config(str(out), 2, steps, **extra)
-    return Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)), resume=resume)
 
 
 def test_second_run_into_a_locked_folder_stops_naming_the_holder_and_writes_nothing(tmp_path, monkeypatch):
@@ -290,17 +270,16 @@ def test_run_lock_of_a_killed_run_is_free_at_once(tmp_path):
 
 def test_fit_releases_the_lock_and_a_later_trainer_in_the_process_takes_it(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     take = "import sys; from jat.train.runlock import RunLock; RunLock(sys.argv[1]).acquire()"
     probe = [sys.executable, "-c", take, str(out)]
     trainer = tiny_trainer(out)
-    taken = subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    taken = subprocess.run(probe, env=CHILD_ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert taken.returncode != 0 and f"is in use by pid {os.getpid()}" in taken.stderr  # held from __init__
     trainer.fit(until=3)
     resumed = tiny_trainer(out, resume="auto")  # the same process, the finished one still referenced
     resumed.fit()
     assert resumed.step == 6 and trainer.step == 3
-    free = subprocess.run(probe, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    free = subprocess.run(probe, env=CHILD_ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert free.returncode == 0, free.stderr[-2000:]  # released when fit ended
 
     import gc
@@ -308,8 +287,8 @@ def test_fit_releases_the_lock_and_a_later_trainer_in_the_process_takes_it(tmp_p
     abandoned = tiny_trainer(tmp_path / "other")  # never fitted nor closed, then dropped
     del abandoned
     gc.collect()
-    free = subprocess.run(probe[:-1] + [str(tmp_path / "other")], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    free = subprocess.run(probe[:-1] + [str(tmp_path / "other")], env=CHILD_ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert free.returncode == 0, free.stderr[-2000:]
 
 
@@ -317,13 +296,10 @@ def test_fit_releases_the_lock_and_a_later_trainer_in_the_process_takes_it(tmp_p
 def test_locked_folder_stops_every_ddp_rank_without_hanging(tmp_path):
     out = tmp_path / "ddp"
     holder = hold_lock(out)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29521", str(WORKER), str(out), "2", "4"]
+    launch = ddp_launch(29521, out, 2, 4)
     try:
         tic = time.monotonic()
-        proc = subprocess.run(launch, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+        proc = subprocess.run(launch, env=DDP_ENV, cwd=ROOT, timeout=300, capture_output=True, text=True)
         assert time.monotonic() - tic < 120  # stopped together, not waiting out the collective timeout
     finally:
         holder.kill()
@@ -335,15 +311,6 @@ def test_locked_folder_stops_every_ddp_rank_without_hanging(tmp_path):
 
 
 # --- checksums -----------------------------------------------------------------------------------
-
-
-def flip_byte(path: Path, key: str) -> None:
-    """Change one byte in the stored data of tensor `key` (its lowest byte: a float changes slightly)."""
-    raw = bytearray(path.read_bytes())
-    n = int.from_bytes(raw[:8], "little")
-    start, _ = json.loads(raw[8:8 + n])[key]["data_offsets"]
-    raw[8 + n + start] ^= 0x01
-    path.write_bytes(bytes(raw))
 
 
 def test_flipped_byte_in_ema_weights_is_refused_naming_the_file(tmp_path):
@@ -397,15 +364,10 @@ def test_checkpoint_without_checksums_loads_with_a_warning(tmp_path, caplog):
 FILE_TOO_LARGE = """
 import resource, signal, sys
 sys.path.insert(0, sys.argv[2])
-from train_worker import RandomLatents, make_config
+from helpers import tiny_trainer
 from jat.checkpoint.store import CheckpointError
-from jat.codecs import LatentNorm
-from jat.train.data import prepare
-from jat.train.trainer import Trainer
 
-out = sys.argv[1]
-cfg = make_config(out, 2, 6)
-trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
+trainer = tiny_trainer(sys.argv[1])
 trainer.fit(until=3)
 # from here on no file may grow past 64 KiB: writes fail with EFBIG instead of killing the process
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -420,9 +382,8 @@ except CheckpointError as exc:
 
 def test_checkpoint_write_failing_with_file_too_large_keeps_earlier_ones(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", FILE_TOO_LARGE, str(out), str(Path(__file__).parent)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", FILE_TOO_LARGE, str(out), str(TESTS)], env=CHILD_ENV,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert (f"error: {out}: could not write the checkpoint of step 6 (" in proc.stderr

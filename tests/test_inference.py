@@ -1,9 +1,7 @@
 """Upsampling: windows and their blend, noise, cutoff, low-frequency replacement, files and the CLI."""
 
-import importlib.util
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import CHILD_ENV, ROOT, load_script, make_checkpoint, without_root_powers
 from safetensors.torch import load_file
 from torch import nn
 
@@ -27,34 +26,10 @@ from jat.data.synth import demo_clip, harmonic_tone
 from jat.infer.band import estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
 from jat.infer.files import plan, write_output
 from jat.infer.upsampler import Upsampler, frame_noise, window_ranges, window_weights
-from jat.model.dit import JaT
 from jat.model.flow import FlowMatching
 
-ROOT = Path(__file__).resolve().parent.parent
 SR = SAMPLE_RATE
-spec = importlib.util.spec_from_file_location("infer_script", ROOT / "scripts" / "infer.py")
-infer = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(infer)
-
-
-def make_checkpoint(root: Path, overrides=(), weights_from: Config | None = None) -> Path:
-    """A tiny-config checkpoint with random weights (the zero-initialised layers too, so the output
-    depends on the input), EMA weights apart from the raw ones, and non-trivial latent statistics."""
-    cfg = Config.from_yaml(ROOT / "configs" / "tiny.yaml", list(overrides))
-    torch.manual_seed(0)
-    model = JaT((weights_from or cfg).model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    ema = {k: v.clone() for k, v in model.state_dict().items()}
-    raw = {k: v + 0.05 * torch.randn_like(v) for k, v in ema.items()}
-    c = cfg.model.in_channels
-    norm = LatentNorm(0.01 * torch.randn(c), 1 + 0.1 * torch.rand(c))
-    tmp = ckpt.begin_save(root, 1)
-    ckpt.write_main(tmp, cfg=cfg, step=1, model=raw, ema=ema, norm=norm.state_dict(),
-                    optimizer={"state": {}, "param_groups": []}, state={})
-    return ckpt.finish_save(tmp)
+infer = load_script("infer")
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +53,6 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     rc = infer.main([str(a) for a in args])
     out = capsys.readouterr()
     return rc, out.out, out.err
-
-
-CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def without_root_powers() -> list[str]:
-    """A command prefix under which file permissions bind: as root, setpriv drops the capabilities that
-    let root read and write past them (a chmod'ed file or folder stops nobody else); skip without it."""
-    if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("as root, file permissions bind only without CAP_DAC_OVERRIDE; setpriv is missing")
-    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
 
 
 def run_python(*args, prefix=(), **kwargs) -> subprocess.CompletedProcess:
@@ -500,17 +462,6 @@ def test_script_end_to_end_as_a_user_runs_it(tmp_path, checkpoint):
     assert "RTF" in proc.stdout and sf.info(str(tmp_path / "voice_jat.wav")).channels == 2
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "exists" in proc.stderr
-
-
-def test_upsampler_tunes_the_cpu_runtime_after_casting_its_model(monkeypatch):
-    import jat.infer.upsampler
-
-    seen = []
-    model = JaT(Config.from_yaml(ROOT / "configs" / "tiny.yaml").model)
-    monkeypatch.setattr(jat.infer.upsampler, "tune_cpu_runtime",
-                        lambda: seen.append(model.patch_embed.proj1.weight.dtype) or {})
-    plain(model, 2.0, precision="bf16")
-    assert seen == [torch.bfloat16]  # once, with the weights already in their final dtype
 
 
 # --- failures named before the work, and their causes -------------------------------------------------

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import trained_jat
 from torch import nn
 
 from jat.model import kernels
@@ -367,14 +368,8 @@ def test_each_mode_runs_its_forms_on_cpu():
 
 
 def _model(seed=0):
-    """The tiny DiT with non-zero adaLN and head (at init every block is the identity), in float64."""
-    torch.manual_seed(seed)
-    model = JaT(model_config("tiny", in_channels=8)).double()
-    for block in model.blocks:
-        nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
-    nn.init.normal_(model.final_layer.adaLN_modulation[-1].weight, std=0.1)
-    nn.init.normal_(model.final_layer.linear.weight, std=0.1)
-    return model
+    """The tiny DiT, trained-looking (at init every block is the identity), in float64."""
+    return trained_jat(model_config("tiny", in_channels=8), seed, std=0.1).double()
 
 
 def _forward_backward(model, name):

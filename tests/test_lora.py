@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT, flip_byte, tiny_trainer, trained_jat
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -36,21 +37,8 @@ from jat.model.lora import (
     quantize_linear,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 QUANT_WORDS = ("absmax", "quant_map", "quant_state", "nested")
-
-
-def trained_like(model: JaT, seed: int = 0) -> JaT:
-    """Give a fresh JaT the look of a trained one: a new JaT's blocks are the identity (zero adaLN
-    gates) and its head outputs zero, which would hide any difference an adapter makes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                bound = math.sqrt(6 / (m.in_features + m.out_features))
-                m.weight.uniform_(-bound, bound, generator=g)
-                m.bias.normal_(0, 0.02, generator=g)
-    return model
+STD = 0.1  # trained_jat's scale for what a new JaT starts at zero: the adapters move the output clearly
 
 
 def randomize_adapters(model: nn.Module, seed: int = 1, scale: float = 0.05) -> None:
@@ -63,7 +51,7 @@ def randomize_adapters(model: nn.Module, seed: int = 1, scale: float = 0.05) -> 
 
 
 def tiny_base(seed: int = 0, in_channels: int = 8) -> JaT:
-    return trained_like(JaT(model_config("tiny", in_channels=in_channels)), seed)
+    return trained_jat(model_config("tiny", in_channels=in_channels), seed, std=STD)
 
 
 def inputs(C: int = 8, T: int = 37, seed: int = 3):
@@ -266,7 +254,7 @@ def test_v2_adapter_is_below_5_percent_of_base_checkpoint():
 def _write_base_checkpoint(path: Path, seed: int = 0) -> tuple[Path, Config]:
     """A tiny trained-looking base checkpoint as the trainer would write it (tiny.yaml: mdct, C = 512)."""
     cfg = Config.from_yaml(ROOT / "configs" / "tiny.yaml")
-    model = trained_like(JaT(cfg.model), seed)
+    model = trained_jat(cfg.model, seed, std=STD)
     norm = LatentNorm.identity(cfg.model.in_channels)
     tmp = ckpt.begin_save(path, 10)
     state = model.state_dict()
@@ -400,19 +388,11 @@ def test_tiny_qlora_finetune_lowers_validation_loss_on_new_clip():
 
 @pytest.mark.slow
 def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog):
-    from jat.train.data import prepare
-    from jat.train.trainer import Trainer
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from train_worker import RandomLatents, make_config
-
     base_dir, _ = _write_base_checkpoint(tmp_path / "base")
     lora = {"lora.mode": "qlora", "lora.rank": 4, "lora.alpha": 8, "lora.temporal_adapter": "true",
             "lora.temporal_dim": 16, "train.init_from": str(base_dir)}
-    norm = LatentNorm.identity(512)
     caplog.set_level("INFO")
-    cfg = make_config(str(tmp_path / "run"), 4, 4, **lora)
-    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), norm))
+    trainer = tiny_trainer(tmp_path / "run", 4, 4, **lora)
     trainer.fit()
     assert "trainable" in caplog.text and "frozen weights hold" in caplog.text
     model = trainer.acc.unwrap_model(trainer.model)
@@ -431,9 +411,7 @@ def test_trainer_qlora_finetune_checkpoint_resume_and_inference(tmp_path, caplog
     assert set(load_adapter_file(adapter_file)[0]) == adapter_keys
 
     # resume from step 3 reproduces the uninterrupted run's adapter exactly
-    cfg = make_config(str(tmp_path / "run"), 4, 4, **lora)
-    resumed = Trainer(cfg, prepare(cfg, RandomLatents(), norm),
-                      resume=str(tmp_path / "run" / "ckpt-00000003"))
+    resumed = tiny_trainer(tmp_path / "run", 4, 4, resume=str(tmp_path / "run" / "ckpt-00000003"), **lora)
     resumed.fit()
     final = adapter_state_dict(resumed.acc.unwrap_model(resumed.model))
     assert all(torch.equal(v, final[k]) for k, v in adapter_state_dict(model).items())
@@ -471,9 +449,6 @@ def test_upsampler_loads_base_plus_adapter(tmp_path):
 
 
 def test_flipped_byte_in_adapter_file_is_refused(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_faults import flip_byte
-
     model = apply_lora(tiny_base(), lcfg("lora"))
     randomize_adapters(model)
     path = save_adapter(tmp_path / "adapter.safetensors", model, lcfg("lora"))

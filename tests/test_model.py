@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import trained_jat
 
 from jat.model.dit import JaT, RotaryEmbedding, model_config, parameter_breakdown
 
@@ -45,10 +46,6 @@ def test_forward_returns_input_length(preset):
         with torch.no_grad():
             out = model(x, torch.rand(1), torch.randn(1, 8, T))
         assert out.shape == (1, 8, T)
-
-
-def _perturb_head(model):
-    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
 
 
 def test_output_independent_of_xt_at_init_and_dependent_after_one_step():
@@ -101,10 +98,7 @@ def test_rope_rotates_adjacent_pairs():
 
 
 def test_padding_mask_hides_padded_tokens():
-    model = JaT(model_config("tiny", in_channels=8))
-    _perturb_head(model)
-    for b in model.blocks:
-        torch.nn.init.normal_(b.adaLN_modulation[-1].weight, std=0.1)
+    model = trained_jat(model_config("tiny", in_channels=8), seed=0, std=0.1)
     x, c, t = torch.randn(1, 8, 12), torch.randn(1, 8, 12), torch.rand(1)
     mask = torch.zeros(1, 12, dtype=torch.bool)
     mask[:, :8] = True
@@ -116,10 +110,8 @@ def test_padding_mask_hides_padded_tokens():
 
 
 def test_grad_checkpointing_gives_same_gradients():
-    torch.manual_seed(1)
     cfg = model_config("tiny", in_channels=8)
-    a = JaT(cfg)
-    _perturb_head(a)
+    a = trained_jat(cfg, seed=1)
     b = JaT(model_config("tiny", in_channels=8, grad_checkpointing=True))
     b.load_state_dict(a.state_dict())
     x, c, t = torch.randn(2, 8, 16), torch.randn(2, 8, 16), torch.rand(2)

@@ -2,13 +2,12 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import DDP_ENV, ROOT, WORKER, RandomLatents, ddp_launch, make_config, tiny_trainer
 from safetensors.torch import load_file
 
 from jat.checkpoint import store as ckpt
@@ -18,12 +17,6 @@ from jat.model.dit import JaT, model_config
 from jat.train.data import StepBatches, prepare
 from jat.train.optim import EMA, build_optimizer, lr_lambda
 from jat.train.trainer import Trainer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_worker import RandomLatents, make_config  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = Path(__file__).parent / "train_worker.py"
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -71,9 +64,7 @@ def test_step_batches_partition_the_global_batch():
 
 
 def _run(out, batch, steps, resume=None, until=None):
-    torch.manual_seed(0)
-    cfg = make_config(str(out), batch, steps)
-    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)), resume=resume)
+    trainer = tiny_trainer(out, batch, steps, resume=resume)
     trainer.fit(until=until)
     return trainer
 
@@ -128,8 +119,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
             item = super().__getitem__(i)
             return {**item, "x": item["x"] * float("nan")}
 
-    cfg = make_config(str(tmp_path / "bad"), 2, 20, **{"train.max_bad_steps": 3})
-    trainer = Trainer(cfg, prepare(cfg, Poisoned(), LatentNorm.identity(512)))
+    trainer = tiny_trainer(tmp_path / "bad", 2, 20, data=Poisoned(), **{"train.max_bad_steps": 3})
     before = {k: v.clone() for k, v in trainer.acc.unwrap_model(trainer.model).state_dict().items()}
     from jat.train.trainer import TrainingError
 
@@ -154,13 +144,10 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     S = 4 steps the weights differ by at most S lr n u G / eps = 4.4e-4 lr, while one wrong example
     or a missed reduction moves them by about lr.
     """
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29517", str(WORKER), str(tmp_path / "ddp"), "2", "4", "--float64"]
-    subprocess.run(launch, check=True, env=env, cwd=ROOT, timeout=600, capture_output=True)
+    launch = ddp_launch(29517, tmp_path / "ddp", 2, 4, "--float64")
+    subprocess.run(launch, check=True, env=DDP_ENV, cwd=ROOT, timeout=600, capture_output=True)
     subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one"), "4", "4", "--float64"], check=True,
-                   env=env, cwd=ROOT, timeout=600, capture_output=True)
+                   env=DDP_ENV, cwd=ROOT, timeout=600, capture_output=True)
     seen0 = set(json.loads((tmp_path / "ddp" / "seen-0.json").read_text()))
     seen1 = set(json.loads((tmp_path / "ddp" / "seen-1.json").read_text()))
     assert seen0 and seen1 and not seen0 & seen1  # each rank saw different examples
@@ -184,21 +171,11 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_model_trains_and_checkpoints_plain_names(tmp_path):
-    cfg = make_config(str(tmp_path / "c"), 2, 2, **{"train.compile": "true", "train.ckpt_every": 2})
-    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
+    trainer = tiny_trainer(tmp_path / "c", 2, 2, **{"train.compile": "true", "train.ckpt_every": 2})
     trainer.fit()
     weights = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "c"), "ema")
-    assert set(weights) == set(JaT(cfg.model).state_dict())  # no "_orig_mod." prefixes
+    assert set(weights) == set(JaT(trainer.cfg.model).state_dict())  # no "_orig_mod." prefixes
     assert len(trainer.history) == 2 and all(math.isfinite(x) for x in trainer.history)
-
-
-def test_fit_tunes_the_cpu_runtime_once_set_up(tmp_path, monkeypatch):
-    import jat.train.trainer
-
-    calls = []
-    monkeypatch.setattr(jat.train.trainer, "tune_cpu_runtime", lambda: calls.append("tuned") or {})
-    _run(tmp_path / "run", 2, 1)
-    assert calls == ["tuned"]  # at the start of fit, after the model, optimizer and data are built
 
 
 # --- refused: another architecture, non-finite weights ------------------------------------------
@@ -207,9 +184,8 @@ def test_fit_tunes_the_cpu_runtime_once_set_up(tmp_path, monkeypatch):
 def test_resume_with_another_architecture_names_the_changed_settings(tmp_path):
     out = tmp_path / "run"
     _run(out, 2, 6, until=3)
-    cfg = make_config(str(out), 2, 6, **{"model.depth": 3, "model.num_heads": 2})
     with pytest.raises(ckpt.CheckpointError) as err:
-        Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)), resume="auto")
+        tiny_trainer(out, 2, 6, resume="auto", **{"model.depth": 3, "model.num_heads": 2})
     assert str(err.value) == (f"{out / 'ckpt-00000003'} was trained with a different architecture: "
                               "model.depth 2 -> 3; model.num_heads 4 -> 2 (resume with its settings, "
                               "or choose another train.output_dir)")
@@ -258,8 +234,7 @@ def test_weights_that_became_non_finite_are_never_saved(tmp_path):
     from jat.train.trainer import TrainingError
 
     out = tmp_path / "run"
-    cfg = make_config(str(out), 2, 20, **{"train.max_bad_steps": 2})
-    trainer = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
+    trainer = tiny_trainer(out, 2, 20, **{"train.max_bad_steps": 2})
     trainer.fit(until=3)
     with torch.no_grad():  # what a too large learning rate does: the weights diverge, every step skips
         trainer.model_plain.blocks[0].attn.q.weight.fill_(float("nan"))
@@ -271,8 +246,7 @@ def test_weights_that_became_non_finite_are_never_saved(tmp_path):
     assert [p.name for p in out.iterdir() if "ckpt" in p.name] == ["ckpt-00000003"]
     assert ckpt.load_weights(out / "ckpt-00000003", "model")  # the earlier one loads, finite
 
-    cfg = make_config(str(tmp_path / "new"), 2, 20)
-    fresh = Trainer(cfg, prepare(cfg, RandomLatents(), LatentNorm.identity(512)))
+    fresh = tiny_trainer(tmp_path / "new", 2, 20)
     fresh.ema.shadow[0].fill_(float("inf"))
     with pytest.raises(TrainingError, match=r"non-finite \(tensor ema\.\S+ holds NaN or inf\): nothing "
                                             f"saved; there is no intact checkpoint in {tmp_path / 'new'}$"):

@@ -16,50 +16,12 @@ import time
 from pathlib import Path
 
 import torch
+from helpers import C, FailingLatents, RandomLatents, make_config  # tests/ is this script's sys.path[0]
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
 
 from jat.codecs import LatentNorm
-from jat.config import Config
 from jat.train.data import prepare
 from jat.train.trainer import Trainer
-
-C, T = 512, 24
-
-
-class RandomLatents(Dataset):
-    """Fixed random (x, c) pairs; records which indices this process asked for."""
-
-    def __init__(self, n: int = 32):
-        g = torch.Generator().manual_seed(123)
-        self.x = torch.randn(n, C, T, generator=g)
-        self.c = self.x + 0.5 * torch.randn(n, C, T, generator=g)
-        self.seen: list[int] = []
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        self.seen.append(int(i))
-        return {"x": self.x[i], "c": self.c[i], "mask": torch.ones(T, dtype=torch.bool)}
-
-
-class FailingLatents(RandomLatents):
-    """Raises on its fifth example, as a corrupt file or a bug in one process would."""
-
-    def __getitem__(self, i):
-        if len(self.seen) >= 4:
-            raise RuntimeError(f"injected failure on rank {os.environ.get('RANK')}")
-        return super().__getitem__(i)
-
-
-def make_config(out: str, batch: int, steps: int, **extra) -> Config:
-    cfg = Config.from_yaml(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml", [
-        f"train.output_dir={out}", f"train.batch_size={batch}", f"train.max_steps={steps}",
-        "train.ckpt_every=3", "train.log_every=1", "train.keep_last=2", "train.mixed_precision=no",
-        "optim.warmup_steps=2", "optim.lr=1e-3", "train.ema_decay=0.9",
-        *[f"{k}={v}" for k, v in extra.items()]])
-    return cfg
 
 
 def slow_down_saves(seconds: float) -> None:
