@@ -8,15 +8,11 @@ child process (`python -c ...`) puts tests/ on its own sys.path first (`TESTS`).
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch.utils.data import Dataset
@@ -29,21 +25,6 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent  # the repository
 WORKER = TESTS / "train_worker.py"
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # for `python ...` children
-
-
-@functools.cache
-def load_script(name: str) -> ModuleType:
-    """The code of scripts/<name>.py as a module: jat.cli.<name> where the command lives in the package
-    (the script only calls its main), else the script itself, executed once per test session."""
-    try:
-        return importlib.import_module(f"jat.cli.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("jat.cli", f"jat.cli.{name}"):
-            raise
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def without_root_powers() -> list[str]:

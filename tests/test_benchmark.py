@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, load_script, trained_jat
+from helpers import ROOT, trained_jat
 from torch.utils.flop_counter import FlopCounterMode
 
 from jat.evaluation.benchmark import RefJaT, forward_flops, measure_train, tokenwise_weights, train_flops
@@ -140,7 +140,7 @@ def test_benchmark_script_end_to_end(tmp_path):
 
 
 def test_best_of_rounds_alternates_cases_and_keeps_each_ones_fastest(monkeypatch):
-    script = load_script("benchmark")
+    from jat.cli import benchmark as script
     times = iter([3.0, 5.0, 2.0, 6.0, 4.0, 4.0])  # A B A B A B
     calls = []
 

@@ -4,10 +4,10 @@ import dataclasses
 import math
 import time
 import typing
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +23,7 @@ from jat.config import (
 from jat.config import safe_yaml as yaml_loader
 from jat.model.dit import JaT, parameter_breakdown
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = ROOT / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -12,7 +12,6 @@ import pytest
 import scipy.signal
 import soundfile as sf
 import torch
-from helpers import load_script
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -385,7 +384,7 @@ def test_latent_dataset_errors_name_the_file(latents, tmp_path: Path):
 
 
 def test_precompute_script(tmp_path: Path, capsys: pytest.CaptureFixture):
-    script = load_script("precompute_latents")
+    from jat.cli import precompute_latents as script
     data = tmp_path / "data"
     data.mkdir()
     write_clip(data / "clip.wav", 0.4, 48000, 1, seed=0)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import ROOT, load_script, make_checkpoint
+from helpers import ROOT, make_checkpoint
 
+from jat.cli import evaluate as evaluate_script
 from jat.codecs.base import SAMPLE_RATE
 from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
 from jat.data.synth import demo_clip
@@ -24,7 +25,6 @@ from jat.infer.upsampler import Upsampler
 from jat.train.validation import Validator, make_clip
 
 SR = SAMPLE_RATE
-evaluate_script = load_script("evaluate")
 
 
 @pytest.fixture(scope="module")

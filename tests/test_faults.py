@@ -19,13 +19,13 @@ from helpers import (
     WORKER,
     ddp_launch,
     flip_byte,
-    load_script,
     make_checkpoint,
     tiny_trainer,
 )
 from safetensors.torch import load_file
 
 from jat.checkpoint import store as ckpt
+from jat.cli import infer
 
 STEPS = 24
 ARGS = ["2", str(STEPS), "train.ckpt_every=2", "train.keep_last=2"]
@@ -195,7 +195,7 @@ def test_disk_full_during_inference_keeps_existing_output(tmp_path, capsys, monk
     import jat.data.audio
 
     monkeypatch.setattr(jat.data.audio.sf, "write", full_for_a)
-    rc = load_script("infer").main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--checkpoint",
+    rc = infer.main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--checkpoint",
                                     str(checkpoint), "--overwrite", "--steps", "2", "--device", "cpu", "-q"])
     err = capsys.readouterr().err
     assert rc == 1

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import CHILD_ENV, ROOT, load_script, make_checkpoint, without_root_powers
+from helpers import CHILD_ENV, ROOT, make_checkpoint, without_root_powers
 from safetensors.torch import load_file
 from torch import nn
 
 from jat.checkpoint import store as ckpt
+from jat.cli import infer
 from jat.codecs import LatentNorm, MDCTCodec
 from jat.codecs.base import SAMPLE_RATE
 from jat.codecs.latent import LatentSpace
@@ -29,7 +30,6 @@ from jat.infer.upsampler import Upsampler, frame_noise, window_ranges, window_we
 from jat.model.flow import FlowMatching
 
 SR = SAMPLE_RATE
-infer = load_script("infer")
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+from helpers import ROOT
 
 from jat.checkpoint import store as ckpt
 from jat.codecs import LatentNorm
@@ -29,7 +30,6 @@ from jat.config import Config, resolve_config_path
 from jat.data.synth import demo_clip
 from jat.model.dit import JaT
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
