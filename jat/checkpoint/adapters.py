@@ -1,6 +1,10 @@
 """Adapter files (docs/design.md section 6): a LoRA/QLoRA fine-tune's trainable tensors, its LoraConfig and
 the identity of the base it was trained on, in one safetensors file.
 
+An adapter file also records the block linears it adapts (`targets` in its metadata): with
+`lora.select_fraction` (layers chosen by SNR) its LoraConfig comes back resolved, those names as
+`targets` and no selection, so it applies to its base exactly as trained without ranking again.
+
 An adapter file records its base's identity (`store.weights_sha256`: the checksum of the base's EMA
 weights) and is refused on any other base, even one of the same shapes, unless forced. A LoRA-mode
 training checkpoint serves as an adapter file too (its EMA or model adapter weights).
@@ -21,7 +25,7 @@ from jat.atomic import write_atomic
 from jat.checkpoint import store as ckpt
 from jat.config import LoraConfig
 from jat.model.dit import JaT
-from jat.model.lora import adapter_state_dict, apply_lora, load_adapter
+from jat.model.lora import adapter_state_dict, apply_lora, is_adapter_key, load_adapter, lora_targets
 
 ADAPTER_FORMAT = "jat-lora-1"
 
@@ -31,16 +35,16 @@ log = logging.getLogger(__name__)
 def save_adapter(path: str | Path, model: JaT, cfg: LoraConfig, base: str | None = None,
                  state: dict[str, torch.Tensor] | None = None, base_sha256: str | None = None) -> Path:
     """Write the adapter (or `state`, e.g. EMA weights) to a safetensors file, atomically, with the
-    LoRA and model configs, the base checkpoint's path and identity (`base_sha256`; read from `base`
-    when not given) and the file's checksum in its metadata."""
+    LoRA and model configs, the names of the adapted block linears, the base checkpoint's path and
+    identity (`base_sha256`; read from `base` when not given) and the file's checksum in its metadata."""
     path = Path(path)
     state = adapter_state_dict(model) if state is None else state
     if base_sha256 is None and base and Path(base).exists():
         base_sha256 = ckpt.weights_sha256(base)
     tensors = {k: v.detach().float() for k, v in state.items()}
     meta = {"format": ADAPTER_FORMAT, "lora": json.dumps(dataclasses.asdict(cfg)),
-            "model": json.dumps(dataclasses.asdict(model.cfg)), "base": base or "",
-            "base_sha256": base_sha256 or ""}
+            "model": json.dumps(dataclasses.asdict(model.cfg)), "targets": json.dumps(lora_targets(model)),
+            "base": base or "", "base_sha256": base_sha256 or ""}
     return write_atomic(path, lambda tmp: ckpt.save_tensors(tensors, tmp, meta))  # never a partial file
 
 
@@ -48,7 +52,7 @@ class AdapterFile(NamedTuple):
     """What an adapter file (or a LoRA training checkpoint) holds."""
 
     state: dict[str, torch.Tensor]  # the adapter tensors
-    lora: LoraConfig
+    lora: LoraConfig  # resolved: layers chosen by SNR as explicit targets (select_fraction None)
     base: str | None  # the base checkpoint's path at training time, if recorded
     base_sha256: str | None  # the base's identity (checkpoint.weights_sha256), if recorded
 
@@ -70,13 +74,26 @@ def load_adapter_file(path: str | Path, ema: bool = True) -> AdapterFile:
         bad = ckpt.non_finite(state)
         if bad is not None:
             raise ckpt.CheckpointError(f"{p}: tensor {bad} holds non-finite values")
-        return AdapterFile(state, LoraConfig(**json.loads(meta["lora"])), meta.get("base") or None,
-                           meta.get("base_sha256") or None)
+        targets = json.loads(meta["targets"]) if meta.get("targets") else None
+        lora = resolved(LoraConfig(**json.loads(meta["lora"])), state, targets)
+        return AdapterFile(state, lora, meta.get("base") or None, meta.get("base_sha256") or None)
     cfg = ckpt.read_config(p)
     if cfg.lora.mode == "none":
         raise ckpt.CheckpointError(f"{p}: not a LoRA checkpoint (lora.mode is none)")
-    return AdapterFile(ckpt.load_weights(p, "ema" if ema else "model"), cfg.lora, cfg.train.init_from,
+    state = ckpt.load_weights(p, "ema" if ema else "model")
+    return AdapterFile(state, resolved(cfg.lora, state), cfg.train.init_from,
                        ckpt.read_metadata(p).get("base_sha256") or None)
+
+
+def resolved(cfg: LoraConfig, state: dict[str, torch.Tensor], targets: list[str] | None = None) -> LoraConfig:
+    """`cfg` with layers chosen by SNR (select_fraction) replaced by the explicit names chosen: `targets`
+    as recorded, else read off the adapter tensors' names (a training checkpoint's)."""
+    if cfg.select_fraction is None:
+        return cfg
+    if targets is None:
+        targets = sorted({k.split(".lora_A.")[0] for k in state
+                          if is_adapter_key(k) and ".lora_A." in k and ".temporal." not in k})
+    return dataclasses.replace(cfg, targets=list(targets), select_fraction=None)
 
 
 def check_adapter_base(adapter: str | Path, info: AdapterFile, base: str | Path, force: bool = False) -> None:

@@ -27,7 +27,7 @@ _RULES = {
     "in [0, 1)": "flow.cond_dropout optim.betas train.ema_decay lora.dropout",
     "in (0, 1)": "flow.t_eps",
     "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio",
-    "in (0, 1]": "codec.mdct_compression flow.sigma_min",
+    "in (0, 1]": "codec.mdct_compression flow.sigma_min lora.select_fraction",
     # Hz, below Nyquist: SAMPLE_RATE / 2 (jat.codecs.base), which tests/test_config.py checks this matches
     "in (0, 22050)": "data.cutoff_min data.cutoff_max data.val_cutoff",
     "in [0, 4294967295]": "train.seed",  # accelerate's set_seed seeds numpy, which takes < 2**32
@@ -116,3 +116,5 @@ def validate(cfg: Config, source: str) -> None:
 
     lo = cfg.lora
     check(lo.mode == "none" or bool(lo.targets) or lo.temporal_adapter, "lora.targets", "nothing to adapt")
+    check(lo.select_fraction is None or bool(lo.targets), "lora.select_fraction",
+          "selects among lora.targets, which is empty")

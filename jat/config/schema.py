@@ -144,6 +144,10 @@ class LoraConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "out", "fc1", "fc2"])
+    dora: bool = False  # DoRA: LoRA plus a trainable magnitude per output row (weight-decomposed)
+    # adapt only the top fraction (per kind, e.g. attn.q) of the targets by the SNR of their weights'
+    # spectra (Spectrum); None: all targets. Adapter files record the chosen names
+    select_fraction: float | None = None
     temporal_adapter: bool = False
     temporal_dim: int = 64  # bottleneck width of the temporal adapter
     temporal_kernel: int = 3

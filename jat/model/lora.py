@@ -5,8 +5,15 @@ bitsandbytes NF4 with double quantization (`qlora` mode):
 
     h = W0 x + (alpha / r) · B A dropout(x)        A [r, in] Kaiming-uniform, B [out, r] zeros
 
-so the adapted model equals its base at step 0. `apply_lora` injects adapters into the DiT block
-linears whose names match `LoraConfig.targets`, quantizes the frozen block linears in qlora mode,
+so the adapted model equals its base at step 0. With `LoraConfig.dora` it is DoRA (weight-decomposed
+LoRA, Liu et al. 2024), as PEFT's `use_dora`:
+
+    W' = m ⊙ (W0 + s B A) / ||W0 + s B A||_row     m [out] trainable, initialised to ||W0||_row
+
+(the norm of each output row over the inputs, detached from the backward as the paper suggests), so
+at step 0 m / ||W0|| is exactly 1. `apply_lora` injects adapters into the DiT block linears whose
+names match `LoraConfig.targets` (or the top `select_fraction` of them by the signal-to-noise ratio
+of their spectra, jat/model/spectrum.py), quantizes the frozen block linears in qlora mode,
 freezes everything else and optionally adds a temporal adapter after every block. Adapter
 parameters are the only trainable tensors; `adapter_state_dict` holds exactly them (no
 quantization state), `load_adapter` puts them back on a freshly adapted base, and `merge_lora`
@@ -21,6 +28,7 @@ This module is a pure model transform: adapter files and checkpoint loading live
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
@@ -33,7 +41,9 @@ from torch import nn
 from jat.config import LoraConfig
 from jat.model.dit import DiTBlock, JaT
 
-ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "dw_conv", "pw_conv", "gamma"})  # names of trainable parts
+# names of the trainable parts (lora_magnitude: DoRA's magnitude vector m)
+ADAPTER_PARTS = frozenset({"lora_A", "lora_B", "lora_magnitude", "dw_conv", "pw_conv", "gamma"})
+NORM_FLOOR = 1e-12  # DoRA: smaller row norms count as this, so a zero row of W0 stays ~0 instead of 0 / 0
 QUANT_KEY_PARTS = ("absmax", "quant_map", "quant_state", "nested_")  # bitsandbytes state-dict entries
 TEMPORAL_SEED = 20_251_106  # + block index: the frozen temporal projections' initialisation
 
@@ -83,18 +93,21 @@ def dequantize_weight(linear: nn.Linear) -> torch.Tensor:
 
 
 class LoRALinear(nn.Module):
-    """A frozen base linear (plain or 4-bit) plus a trainable low-rank update (alpha / r) · B A."""
+    """A frozen base linear (plain or 4-bit) plus a trainable low-rank update (alpha / r) · B A; with
+    `dora`, DoRA: the adapted weight's rows renormalised to a trainable magnitude `lora_magnitude`."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dora: bool = False):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.rank, self.alpha, self.scaling, self.dora = rank, alpha, alpha / rank, dora
         device = base.bias.device if base.bias is not None else base.weight.device
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear (and PEFT)
         nn.init.zeros_(self.lora_B.weight)  # the update starts at exactly zero
+        if dora:  # m = ||W0 + s B A||_row = ||W0||_row: the same computation as forward's, so m / norm is 1
+            self.lora_magnitude = nn.Parameter(self.weight_norm())
 
     @property
     def in_features(self) -> int:
@@ -105,22 +118,53 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling  # [..., out]
+        result = self.base(x)  # [..., out]
+        if not self.dora:
+            return result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        # PEFT's DoRA: m / ||V|| · (W0 x + s B A x) + b, as a correction on the base output; with dropout
+        # (training) W0 x is recomputed on the dropped-out input, as the low-rank path sees it
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_result = result if self.base.bias is None else result - self.base.bias
+        else:
+            x = self.dropout(x)
+            base_result = F.linear(x, self.base_weight().to(x.dtype))
+        scale = (self.lora_magnitude / self.weight_norm()).view(1, -1)  # [1, out]; the norm is detached
+        dora = (scale - 1) * base_result + scale * self.lora_B(self.lora_A(x)) * self.scaling
+        return result + dora.to(result.dtype)
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 [out, in]: the plain base's weight, or the 4-bit one dequantized (fp32)."""
+        return dequantize_weight(self.base) if is_quantized(self.base) else self.base.weight.detach()
 
     def delta_weight(self) -> torch.Tensor:
         """The update (alpha / r) · B A as a dense [out, in] fp32 matrix."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ||W0 + s B A||_row [out] in the adapter's dtype (fp32 unless converted), outside
+        autocast; detached (no gradient: the DoRA paper's section 4.3, and PEFT)."""
+        dtype, device = self.lora_A.weight.dtype, self.lora_A.weight.device.type
+        with torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext():
+            w = self.base_weight().to(dtype) + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+            return torch.linalg.norm(w, dim=1).to(dtype).clamp_min(NORM_FLOOR)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The adapted weight [out, in] in fp32: W0 + s B A; DoRA: m / ||W0 + s B A|| ⊙ (W0 + s B A)."""
+        with torch.no_grad():
+            w = self.base_weight().float() + self.delta_weight()
+            if self.dora:
+                w = (self.lora_magnitude.float() / self.weight_norm().float())[:, None] * w
+        return w
+
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, quantized={is_quantized(self.base)}"
+        return f"rank={self.rank}, alpha={self.alpha}, dora={self.dora}, quantized={is_quantized(self.base)}"
 
 
 def plain_linear(linear: nn.Module) -> nn.Linear:
     """A LoRALinear, 4-bit or plain linear -> an fp32 nn.Linear computing the same map (merged)."""
     base = linear.base if isinstance(linear, LoRALinear) else linear
-    weight = dequantize_weight(base)  # [out, in]
-    if isinstance(linear, LoRALinear):
-        weight = weight + linear.delta_weight()
+    weight = linear.merged_weight() if isinstance(linear, LoRALinear) else dequantize_weight(base)
     out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
     with torch.no_grad():
         out.weight.copy_(weight)
@@ -159,8 +203,8 @@ class TemporalAdapter(nn.Module):
         if lora is not None:
             if quantize:
                 down, up = quantize_linear(down, compute_dtype), quantize_linear(up, compute_dtype)
-            down = LoRALinear(down, lora.rank, lora.alpha, lora.dropout)
-            up = LoRALinear(up, lora.rank, lora.alpha, lora.dropout)
+            down = LoRALinear(down, lora.rank, lora.alpha, lora.dropout, lora.dora)
+            up = LoRALinear(up, lora.rank, lora.alpha, lora.dropout, lora.dora)
         self.down, self.up = down, up
         self.dw_conv = nn.Conv1d(bottleneck, bottleneck, kernel, padding="same", groups=bottleneck,
                                  device=device)
@@ -225,10 +269,29 @@ def is_adapter_key(name: str) -> bool:
     return not ADAPTER_PARTS.isdisjoint(name.split("."))
 
 
+def select_targets(model: JaT, patterns: list[str], fraction: float) -> list[str]:
+    """The block linears matching `patterns` that layer selection by signal-to-noise ratio keeps (the
+    top `fraction` of each kind, jat/model/spectrum.py), as explicit names; logs the ranked table."""
+    from jat.model.spectrum import format_snr_table, rank_layers, select_layers
+
+    candidates = {n: m for n, m in block_linears(model).items() if any(_matches(n, p) for p in patterns)}
+    ranked = rank_layers(candidates)
+    chosen = select_layers(ranked, fraction)
+    log.info("lora.select_fraction=%g: %d of %d block linears by SNR\n%s", fraction, len(chosen),
+             len(candidates), format_snr_table(ranked, chosen))
+    return chosen
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """The names of the block linears carrying LoRA adapters (temporal adapters' projections excluded)."""
+    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and ".temporal." not in n]
+
+
 def apply_lora(model: JaT, cfg: LoraConfig, compute_dtype: torch.dtype | None = None) -> JaT:
     """Adapt `model` in place for fine-tuning (returns it); mode `none` leaves it unchanged.
 
-    Block linears matching `cfg.targets` get `LoRALinear` adapters; in qlora mode every block linear
+    Block linears matching `cfg.targets` (with `cfg.select_fraction`, the top fraction of those by
+    SNR: `select_targets`) get `LoRALinear` adapters (DoRA with `cfg.dora`); in qlora mode every block linear
     is first quantized to NF4 (4-bit compute in `compute_dtype`: bf16 when the model is on CUDA,
     else fp32). Everything but the adapters is frozen. Quantize on the device you train on:
     move the model there first.
@@ -244,11 +307,14 @@ def apply_lora(model: JaT, cfg: LoraConfig, compute_dtype: torch.dtype | None = 
     if unmatched:
         raise ValueError(f"lora.targets: {unmatched} match no linear in the DiT blocks "
                          f"(names look like {next(iter(linears))})")
+    targets = cfg.targets
+    if cfg.select_fraction is not None:  # the full-precision weights' spectra, before any quantization
+        targets = select_targets(model, cfg.targets, cfg.select_fraction)
     model.requires_grad_(False)
     for name, linear in linears.items():
         new = quantize_linear(linear, compute_dtype) if quantize else linear
-        if any(_matches(name, p) for p in cfg.targets):
-            new = LoRALinear(new, cfg.rank, cfg.alpha, cfg.dropout)
+        if any(_matches(name, p) for p in targets):
+            new = LoRALinear(new, cfg.rank, cfg.alpha, cfg.dropout, cfg.dora)
         if new is not linear:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, new)
@@ -301,7 +367,8 @@ def format_lora_report(r: dict[str, float]) -> str:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter parameters only (LoRA A/B, temporal convs and gamma): no base, no quant state."""
+    """The adapter parameters only (LoRA A/B, DoRA magnitudes, temporal convs and gamma): no base, no
+    quant state."""
     return {n: p.detach() for n, p in model.named_parameters() if is_adapter_key(n)}
 
 
@@ -328,7 +395,8 @@ def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def merge_lora(model: JaT) -> JaT:
-    """Fold every adapter into its base in place: dequantize, add (alpha / r) B A, and replace each
+    """Fold every adapter into its base in place: dequantize, add (alpha / r) B A (DoRA: and rescale
+    each row to its magnitude, m / ||W0 + s B A|| ⊙ (W0 + s B A)), and replace each
     LoRALinear or 4-bit linear by a full-precision nn.Linear. Returns the (plain, trainable) model;
     temporal adapters stay, with plain down/up projections."""
     replace = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
