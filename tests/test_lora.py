@@ -510,3 +510,12 @@ def test_a_file_that_is_no_adapter_is_a_checkpoint_error(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=f"^{other}: not an adapter file \\(format None, "
                                                    "expected 'jat-lora-1'\\)$"):
         load_adapter_file(other)
+
+
+def test_qlora_without_bitsandbytes_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(ImportError, match=r"pip install 'jat-audiosr\[qlora\]'"):
+        quantize_linear(nn.Linear(8, 4))
+    plain = nn.Linear(8, 4)
+    assert torch.equal(dequantize_weight(plain), plain.weight.detach())  # plain weights need none

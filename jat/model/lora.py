@@ -58,6 +58,17 @@ def is_quantized(linear: nn.Module) -> bool:
     return getattr(getattr(linear, "weight", None), "quant_state", None) is not None
 
 
+def _bitsandbytes():
+    """bitsandbytes, an optional dependency (only 4-bit bases need it), or an error naming the extra."""
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("4-bit (qlora) bases need bitsandbytes: pip install 'jat-audiosr[qlora]' "
+                          f"({exc})") from None
+    return bitsandbytes
+
+
 def quantize_linear(linear: nn.Linear, compute_dtype: torch.dtype = torch.float32) -> nn.Linear:
     """A frozen bitsandbytes `Linear4bit` (NF4, double quantization) holding `linear`'s weights.
 
@@ -65,8 +76,7 @@ def quantize_linear(linear: nn.Linear, compute_dtype: torch.dtype = torch.float3
     (bf16-only kernel, undoes double quantization) is switched off, so train and eval share one
     numerical path and the weights stay in their canonical layout.
     """
-    import bitsandbytes as bnb
-
+    bnb = _bitsandbytes()
     w = linear.weight.detach()
     q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                           compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
@@ -83,8 +93,7 @@ def dequantize_weight(linear: nn.Linear) -> torch.Tensor:
     """The weight [out, in] of a plain or 4-bit linear, in fp32."""
     if not is_quantized(linear):
         return linear.weight.detach().float()
-    import bitsandbytes.functional as bnbf
-
+    bnbf = _bitsandbytes().functional
     w = linear.weight
     if getattr(w.quant_state, "packing_format_for_cpu", False):
         raise RuntimeError("4-bit weight is in bitsandbytes' CPU inference packing: build it with "
