@@ -79,8 +79,10 @@ def _hub_cache(root: Path, repo: str, folder: Path, commit: str = "0123456789abc
 def test_hub_names_load_from_the_hub_cache_offline(checkpoint, tmp_path, monkeypatch):
     export_inference(checkpoint, tmp_path / "exported")
     snap = _hub_cache(tmp_path / "hub", "org/tiny", tmp_path / "exported")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants  # read from the environment once, when first imported
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert is_hub_name("hf://org/tiny") and is_hub_name("org/tiny") and not is_hub_name(str(checkpoint))
     want = _upsample(Upsampler.from_checkpoint(tmp_path / "exported", device="cpu", precision="fp32"))
     for name in ("hf://org/tiny", "org/tiny", "hf://org/tiny@main"):
