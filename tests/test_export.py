@@ -22,7 +22,7 @@ from jat.data.synth import demo_clip
 from jat.infer.upsampler import Upsampler
 
 COMMANDS = ("jat-train", "jat-infer", "jat-eval", "jat-precompute", "jat-bench", "jat-corpus", "jat-overfit",
-            "jat-demo", "jat-merge", "jat-model-info", "jat-export", "jat-web")
+            "jat-demo", "jat-merge", "jat-model-info", "jat-export", "jat-web", "jat-fit-envelope")
 
 
 @pytest.fixture(scope="module")

@@ -341,6 +341,47 @@ def test_envelope_loss_is_a_likelihood_of_the_band_power_where_the_condition_is_
     torch.testing.assert_close(grad_with, expected, rtol=1e-5, atol=1e-8)
 
 
+def test_log_envelope_target_aims_at_the_typical_band_power_not_the_mean():
+    """flow.envelope_target=log: (e - log(m) / 2)², zero where σ² is the band power, the same curvature
+    as the likelihood there, and, over a spread of band powers for one condition, a minimiser at the
+    geometric mean (E[log m] / 2) where the likelihood's is the mean power (log E[m] / 2)."""
+    fm, power = band_flow(envelope_target="log"), band_flow()
+    C, T, E = 8, 30, 2
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, C, T, generator=g)
+    x[:, 4:] *= 0.1
+    c = x.clone()
+    c[:, 4:] = 0
+    m = F.adaptive_avg_pool1d(x.square().transpose(1, 2), E).transpose(1, 2) + 1e-4  # [1, E, T]
+    level = 0.5 * torch.log(m) - fm.band_prior(c, None)[1]
+    assert float(fm.envelope_error(level, x, c, None).abs().max()) < 1e-6
+    for d in (0.5, -0.5):  # off by d: d², symmetric (the likelihood costs an underestimate more)
+        off = level.clone()
+        off[:, 1] += d
+        torch.testing.assert_close(fm.envelope_error(off, x, c, None), torch.full((1, T), d * d),
+                                   rtol=1e-4, atol=1e-5)
+    # one condition, two equally likely clean bands 20 dB apart in power (amplitude x1 and x0.1): the
+    # fitted log σ is the mean of their log levels for "log", the log of their mean power for "power"
+    xs = torch.cat([x, x]).clone()
+    xs[1, 4:] *= 0.1
+    cs = torch.cat([c, c])
+    env = torch.zeros(1, E, T, requires_grad=True)
+    fitted = {}
+    for name, flow in (("log", fm), ("power", power)):
+        env.data.zero_()
+        opt = torch.optim.Adam([env], lr=0.05)
+        for _ in range(600):
+            opt.zero_grad()
+            flow.envelope_error(env.expand(2, -1, -1), xs, cs, None)[:, :].mean().backward()
+            opt.step()
+        fitted[name] = (env.detach() + fm.band_prior(cs[:1], None)[1])[0, 1]  # log σ, upper band [T]
+    ms = F.adaptive_avg_pool1d(xs.square().transpose(1, 2), E).transpose(1, 2)[:, 1] + 1e-4  # [2, T]
+    torch.testing.assert_close(fitted["log"], 0.5 * torch.log(ms).mean(0), atol=2e-3, rtol=0)
+    torch.testing.assert_close(fitted["power"], 0.5 * torch.log(ms.mean(0)), atol=2e-3, rtol=0)
+    gap_db = float(20 * (fitted["power"] - fitted["log"]).mean() / math.log(10))  # latent amplitude, dB
+    assert gap_db > 3.0  # the log target generates this band well below the likelihood's level
+
+
 def test_band_prior_level_follows_the_conditions_top_octave():
     """An empty band is expected at the level of the octave below the highest carried channel, per
     frame: a condition 9 dB quieter there gives a generated band 9 dB quieter."""

@@ -65,6 +65,10 @@ class FlowConfig:
     sigma_min: float = 0.05  # "band": residual scale of the channels the condition carries
     band_level: Literal["average", "condition"] = "average"  # "band": expected level of an empty channel
     envelope_loss: float = 1.0  # "band": weight of the envelope likelihood (flow.envelope_error); 0: none
+    # "band": what the envelope aims at per frame and band: "power", the likelihood of the band power (its
+    # mean under uncertainty), or "log", a squared error of log σ against half the log band power (its
+    # typical, geometric-mean level: what log-spectral errors reward; docs/quality.md "Envelope target")
+    envelope_target: Literal["power", "log"] = "power"
 
 
 @dataclass

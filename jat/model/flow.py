@@ -169,12 +169,20 @@ class FlowMatching:
         (`loss` detaches it) and this term trains it at every step. A likelihood, not a squared error
         of logs: under uncertainty it aims at the mean power, not the geometric mean below it, and an
         underestimated σ is what costs most near t = 1.
+
+        With `flow.envelope_target: log` the term is instead (e - log(m) / 2)², with the same minimum
+        (zero at e = log(m) / 2) and curvature: under uncertainty it aims at E[log m | c] / 2, the
+        band's typical level, which sits below its mean power by the spread of what the condition
+        leaves open (6-10 dB per frame on held-out audio, docs/quality.md "Envelope target").
         """
         E = env.shape[1]
         absent, level = self.band_prior(c, mask)  # [B, C, 1], [B, 1, T]
         e = (level + env).clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE)  # [B, E, T] log σ of the generated band
         m = F.adaptive_avg_pool1d(x.square().transpose(1, 2), E).transpose(1, 2) + 1e-4  # [B, E, T]
-        nll = e + 0.5 * m * torch.exp(-2 * e) - 0.5 * (torch.log(m) + 1)  # [B, E, T]
+        if self.cfg.envelope_target == "log":  # (e - log(m) / 2)²: the minimiser is E[log m | c] / 2
+            nll = (e - 0.5 * torch.log(m)).square()  # [B, E, T]
+        else:
+            nll = e + 0.5 * m * torch.exp(-2 * e) - 0.5 * (torch.log(m) + 1)  # [B, E, T]
         w = F.adaptive_avg_pool1d(absent.transpose(1, 2), E).transpose(1, 2)  # [B, E, 1]
         return (nll * w).sum(1) / w.sum(1).clamp_min(1e-3)  # [B, T]
 

@@ -1,0 +1,40 @@
+"""Re-fit a checkpoint's envelope head alone with another envelope target (jat/train/envelope.py).
+
+    jat-fit-envelope --checkpoint CKPT --latents data/corpus/latents-mdct --out DIR \
+        [--target log] [--steps 1500] [--batch-size 16] [--lr 1e-3] [--seed 0]
+
+The DiT is left as it is; DIR/weights.safetensors loads like any trained checkpoint, with
+flow.envelope_target set to --target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jat.checkpoint.store import CheckpointError
+from jat.data.datasets import ShardError
+from jat.train.envelope import fit_envelope
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--latents", required=True, help="pre-encoded pairs (scripts/precompute_latents.py)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--target", choices=("power", "log"), default="log")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        out = fit_envelope(args.checkpoint, args.latents, args.out, target=args.target, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           progress=lambda s, loss: print(f"step {s}: envelope loss {loss:.4f}", flush=True))
+    except (CheckpointError, ShardError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: {out / 'weights.safetensors'}")
+    return 0
+

@@ -1,0 +1,106 @@
+"""Re-fitting a checkpoint's envelope head alone (jat/train/envelope.py, scripts/fit_envelope.py)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT
+from safetensors.torch import save_file
+
+from jat.checkpoint import store as ckpt
+from jat.checkpoint.load import load_model
+from jat.codecs import LatentNorm
+from jat.config import Config
+from jat.model.dit import JaT
+from jat.model.flow import FlowMatching
+from jat.train.envelope import fit_envelope
+
+C, T, N = 512, 20, 8  # mdct channels (configs/tiny.yaml), frames per row, rows
+LOUD, QUIET = 1.0, 0.1  # amplitudes of the band the condition lacks, in alternate rows
+
+
+def write_checkpoint(path: Path) -> tuple[Path, Config]:
+    cfg = Config.from_yaml(ROOT / "configs" / "tiny.yaml")
+    cfg.model.envelope_bands = 4
+    cfg.flow.precondition = "band"
+    cfg.data.segment_seconds = T / 86.13  # T frames a segment
+    torch.manual_seed(0)
+    state = JaT(cfg.model).state_dict()
+    tmp = ckpt.begin_save(path, 10)
+    ckpt.write_main(tmp, cfg=cfg, step=10, model=state, ema={k: v.clone() for k, v in state.items()},
+                    norm=LatentNorm.identity(C).state_dict(), optimizer={"state": {}, "param_groups": []},
+                    state={})
+    return ckpt.finish_save(tmp), cfg
+
+
+def write_shard(folder: Path) -> Path:
+    """Rows whose condition carries channels 0-255 (the same in every row) and lacks 256-511, where the
+    clean latent is LOUD in even rows and QUIET in odd ones: the condition cannot tell them apart."""
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(1, C, T, generator=g).sign().expand(N, C, T).clone()
+    c[:, C // 2:] = 0
+    x = c.clone()
+    amp = torch.tensor([LOUD if i % 2 == 0 else QUIET for i in range(N)])[:, None, None]
+    x[:, C // 2:] = amp * torch.randn(N, C // 2, T, generator=g).sign()
+    folder.mkdir(parents=True)
+    save_file({"hr": x.contiguous(), "lr": c[:, None].contiguous(), "frames": torch.full((N,), T),
+               "cutoff": torch.full((N, 1), 11025.0)}, folder / "shard-00000.safetensors")
+    return folder
+
+
+def head_log_sigma(path: Path) -> tuple[torch.Tensor, Config]:
+    """log σ [bands, T] the checkpoint's head gives the shard's condition, and the checkpoint's config."""
+    model, cfg, _ = load_model(path)
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(1, C, T, generator=g).sign()
+    c[:, C // 2:] = 0
+    with torch.no_grad():
+        env = model.envelope(c)
+    return env[0] + FlowMatching(cfg.flow).band_prior(c, None)[1][0], cfg
+
+
+def test_fit_envelope_aims_at_the_target_and_leaves_the_dit_alone(tmp_path):
+    """The log target on a condition that cannot tell a loud band from one 20 dB quieter: the head
+    lands on the mean of their log levels (the likelihood would sit 7 dB higher, at the log of their
+    mean power: tests/test_flow.py), and only the head changes."""
+    target = "log"
+    base, _ = write_checkpoint(tmp_path / "base")
+    shards = write_shard(tmp_path / "latents")
+    out = fit_envelope(base, shards, tmp_path / "refit", target=target, steps=800, batch_size=8, lr=1e-2)
+    sigma, cfg = head_log_sigma(out)
+    assert cfg.flow.envelope_target == target
+    m = (LOUD ** 2 + 1e-4, QUIET ** 2 + 1e-4)  # the band power of each kind of row (+ the loss's floor)
+    want = 0.5 * (math.log(m[0]) + math.log(m[1])) / 2  # -1.15; the likelihood's: 0.5 log(mean) = -0.34
+    assert float((sigma[2:] - want).abs().max()) < 0.05  # bands 2 and 3 (channels 256-511) are absent
+    fresh, _, _ = load_model(base)
+    refit, _, _ = load_model(out)
+    for (k, a), (_, b) in zip(fresh.state_dict().items(), refit.state_dict().items(), strict=True):
+        if not k.startswith("envelope."):
+            assert torch.equal(a, b), k  # everything but the head is copied
+    raw = ckpt.load_weights(out, "model")
+    assert all(torch.equal(raw[k], v) for k, v in refit.state_dict().items() if k.startswith("envelope."))
+
+
+def test_fit_envelope_script_and_refusals(tmp_path):
+    base, _ = write_checkpoint(tmp_path / "base")
+    shards = write_shard(tmp_path / "latents")
+    cmd = [sys.executable, "scripts/fit_envelope.py", "--checkpoint", str(base), "--latents", str(shards),
+           "--out", str(tmp_path / "out"), "--steps", "3", "--batch-size", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ckpt.read_config(tmp_path / "out").flow.envelope_target == "log"
+    with pytest.raises(ValueError, match="unknown envelope target"):
+        fit_envelope(base, shards, tmp_path / "x", target="median", steps=1)
+    cfg = Config.from_yaml(ROOT / "configs" / "tiny.yaml")  # precondition none: no head to fit
+    tmp = ckpt.begin_save(tmp_path / "plain", 1)
+    state = JaT(cfg.model).state_dict()
+    ckpt.write_main(tmp, cfg=cfg, step=1, model=state, ema={k: v.clone() for k, v in state.items()},
+                    norm=LatentNorm.identity(C).state_dict(), optimizer={"state": {}, "param_groups": []},
+                    state={})
+    with pytest.raises(ValueError, match="no envelope head"):
+        fit_envelope(ckpt.finish_save(tmp), shards, tmp_path / "y", steps=1)
