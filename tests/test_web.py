@@ -108,6 +108,15 @@ def _wait(find, timeout: float = 120.0):
     raise AssertionError("timed out waiting for the page")
 
 
+def _upload_and_run(browser, url: str, wav: Path) -> None:
+    """Open the page, upload `wav` into the input player, wait until it shows, press Upsample."""
+    browser.get(url)
+    upload = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#input-audio input[type=file]"))
+    upload[0].send_keys(str(wav))
+    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#input-audio [data-testid^='waveform']"))
+    browser.find_element(By.ID, "upsample").click()
+
+
 def test_upload_upsample_listen_and_download_in_a_browser(server, tmp_path):
     url, _ = server
     sr, seconds = 16000, 2.0
@@ -117,11 +126,7 @@ def test_upload_upsample_listen_and_download_in_a_browser(server, tmp_path):
     downloads.mkdir()
     browser = _browser(downloads)
     try:
-        browser.get(url)
-        upload = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#input-audio input[type=file]"))
-        upload[0].send_keys(str(wav))
-        _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#input-audio [data-testid^='waveform']"))
-        browser.find_element(By.ID, "upsample").click()
+        _upload_and_run(browser, url, wav)
         image = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#spectrogram img"))[0]
         assert image.get_attribute("naturalWidth") not in (None, "0")  # the PNG loaded
         report = browser.find_element(By.CSS_SELECTOR, "#report textarea").get_attribute("value")
@@ -155,11 +160,7 @@ def test_a_bad_upload_shows_an_error_and_the_page_goes_on(server, tmp_path):
     sf.write(bad, demo_clip(0.01, 16000, seed=2), 16000)  # 10 ms: below the upsampler's minimum
     browser = _browser(tmp_path)
     try:
-        browser.get(url)
-        upload = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#input-audio input[type=file]"))
-        upload[0].send_keys(str(bad))
-        _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#input-audio [data-testid^='waveform']"))
-        browser.find_element(By.ID, "upsample").click()
+        _upload_and_run(browser, url, bad)
         toast = _wait(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, "[data-testid='toast-body']")
                                if "too short" in e.text])
         assert "short.wav" in toast[0].text
