@@ -11,12 +11,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 from helpers import ROOT, make_checkpoint
 
 from jat.checkpoint import store as ckpt
 from jat.checkpoint.export import export_inference
 from jat.checkpoint.hub import is_hub_name
+from jat.checkpoint.store import resolve_checkpoint
+from jat.cli import infer
 from jat.cli.export import main as export_main
 from jat.data.synth import demo_clip
 from jat.infer.upsampler import Upsampler
@@ -91,6 +94,23 @@ def test_hub_names_load_from_the_hub_cache_offline(checkpoint, tmp_path, monkeyp
         assert torch.equal(_upsample(up), want)
     with pytest.raises(ckpt.CheckpointError, match="hf://org/other: not in the local Hub cache"):
         Upsampler.from_checkpoint("hf://org/other", device="cpu")
+    # the command line keeps a Hub name as given (a Path would fold hf:// into hf:/)
+    wav = tmp_path / "in.wav"
+    sf.write(wav, demo_clip(0.5, 16000, seed=1), 16000)
+    assert infer.main([str(wav), "--checkpoint", "hf://org/tiny", "--steps", "2", "--device", "cpu"]) == 0
+    assert sf.info(str(tmp_path / "in_jat.wav")).samplerate == 44100
+
+
+def test_checkpoint_arguments_resolve_run_folders_and_keep_everything_else(checkpoint, tmp_path):
+    run = checkpoint.parent
+    assert resolve_checkpoint(run) == checkpoint  # a run folder: its newest checkpoint
+    assert resolve_checkpoint(checkpoint) == checkpoint
+    weights = str(checkpoint / "weights.safetensors")
+    assert resolve_checkpoint(weights) == weights
+    assert resolve_checkpoint("hf://org/name") == "hf://org/name"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert resolve_checkpoint(empty) == empty  # no checkpoint: as given, for the loader's own message
 
 
 @pytest.mark.slow

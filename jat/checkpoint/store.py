@@ -217,6 +217,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def resolve_checkpoint(name: str | Path) -> str | Path:
+    """What a `--checkpoint` argument names: a run folder becomes its newest checkpoint; a checkpoint
+    folder, a weights file or a Hub name (`hf://org/name`, kept as the string given) stays as it is."""
+    p = Path(name)
+    if p.is_dir() and not (p / "weights.safetensors").exists():
+        return latest_checkpoint(p) or name
+    return name
+
+
 def begin_save(output_dir: str | Path, step: int) -> Path:
     """Create (fresh) the temporary directory a checkpoint is written into; main process only."""
     root = Path(output_dir)

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from jat.checkpoint.store import CheckpointError, latest_checkpoint
+from jat.checkpoint.store import CheckpointError, resolve_checkpoint
 from jat.config import ConfigError
 from jat.data.audio import AudioError, list_audio_files
 from jat.evaluation.evaluate import evaluate, markdown_table
@@ -74,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        ckpt = Path(args.checkpoint)
-        if ckpt.is_dir() and not (ckpt / "weights.safetensors").exists() and latest_checkpoint(ckpt):
-            ckpt = latest_checkpoint(ckpt)  # a run directory: its newest checkpoint, as infer.py takes it
-        up = Upsampler.from_checkpoint(ckpt, device=args.device, adapter=args.adapter)
+        up = Upsampler.from_checkpoint(resolve_checkpoint(args.checkpoint), device=args.device,
+                                       adapter=args.adapter)
         files, categories = data_sets(args.data, args.max_files)
     except (CheckpointError, ConfigError, AudioError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

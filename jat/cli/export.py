@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from jat.checkpoint.export import DTYPES, export_inference
-from jat.checkpoint.store import CheckpointError, latest_checkpoint
+from jat.checkpoint.store import CheckpointError, resolve_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter", default=None, help="an adapter file to merge in first")
     ap.add_argument("--force", action="store_true", help="merge an adapter onto another base than its own")
     args = ap.parse_args(argv)
-    ckpt = Path(args.checkpoint)
-    if ckpt.is_dir() and not (ckpt / "weights.safetensors").is_file():
-        ckpt = latest_checkpoint(ckpt) or ckpt  # a run folder: its newest checkpoint
+    ckpt = resolve_checkpoint(args.checkpoint)
     try:
         record = export_inference(ckpt, args.out, dtype=args.dtype, adapter=args.adapter, force=args.force)
     except (CheckpointError, ValueError) as exc:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jat.checkpoint.store import CheckpointError, latest_checkpoint
+from jat.checkpoint.store import CheckpointError, resolve_checkpoint
 from jat.codecs.base import SAMPLE_RATE
 from jat.config import ConfigError
 from jat.data.audio import AudioError
@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except AudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ckpt = Path(args.checkpoint)
-    if ckpt.is_dir() and not (ckpt / "weights.safetensors").exists() and latest_checkpoint(ckpt):
-        ckpt = latest_checkpoint(ckpt)
+    ckpt = resolve_checkpoint(args.checkpoint)
     try:
         up = Upsampler.from_checkpoint(ckpt, device=args.device, ema=not args.no_ema, adapter=args.adapter,
                                        force_adapter=args.force_adapter,

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jat.checkpoint.store import CheckpointError, latest_checkpoint
+from jat.checkpoint.store import CheckpointError, resolve_checkpoint
 from jat.codecs.base import SAMPLE_RATE
 from jat.data.audio import AudioError
 
@@ -100,11 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from jat.infer.upsampler import Upsampler
 
-    ckpt = Path(args.checkpoint)
-    if ckpt.is_dir() and not (ckpt / "weights.safetensors").is_file():
-        ckpt = latest_checkpoint(ckpt) or ckpt
     try:
-        up = Upsampler.from_checkpoint(ckpt if ckpt.exists() else args.checkpoint, device=args.device)
+        up = Upsampler.from_checkpoint(resolve_checkpoint(args.checkpoint), device=args.device)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
