@@ -21,9 +21,8 @@ import torch
 from jat.atomic import write_atomic
 from jat.checkpoint import load
 from jat.checkpoint import store as ckpt
-from jat.config import Config, LoraConfig
+from jat.config import Config
 from jat.model.dit import parameter_breakdown
-from jat.model.lora import merge_lora
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -40,10 +39,7 @@ def export_inference(checkpoint: str | Path, out: str | Path, *, dtype: str = "f
         raise ValueError(f"unknown export dtype '{dtype}' ({', '.join(DTYPES)})")
     model, cfg, base = load.load_model(checkpoint, adapter, ema=True, force=force)
     if cfg.lora.mode != "none":  # an adapted model: fold the adapters in, as merge_checkpoint does
-        merge_lora(model)
-        cfg.lora = LoraConfig(mode="none", temporal_adapter=cfg.lora.temporal_adapter,
-                              temporal_dim=cfg.lora.temporal_dim, temporal_kernel=cfg.lora.temporal_kernel)
-        cfg.train.init_from = None
+        load.fold_adapters(model, cfg)
     state = {k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in model.state_dict().items()}
     norm = ckpt.load_weights(base, "norm")
     step = int(ckpt.read_metadata(checkpoint).get("step", 0))

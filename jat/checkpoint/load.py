@@ -84,6 +84,15 @@ def load_model(checkpoint: str | Path, adapter: str | Path | None = None, ema: b
 
 
 
+def fold_adapters(model: JaT, cfg: Config) -> None:
+    """Fold an adapted model's adapters into plain weights (`merge_lora`), in place, and make `cfg`
+    describe the result: lora.mode none (temporal adapters kept, now plain), no base checkpoint."""
+    merge_lora(model)
+    cfg.lora = LoraConfig(mode="none", temporal_adapter=cfg.lora.temporal_adapter,
+                          temporal_dim=cfg.lora.temporal_dim, temporal_kernel=cfg.lora.temporal_kernel)
+    cfg.train.init_from = None
+
+
 def merge_checkpoint(checkpoint: str | Path, out: str | Path, adapter: str | Path | None = None,
                      force: bool = False) -> Path:
     """Base checkpoint + adapter (or a LoRA training checkpoint alone) -> a full-precision checkpoint
@@ -92,10 +101,7 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, adapter: str | Pat
     model, cfg, base_path = load_model(checkpoint, adapter, force=force)
     if cfg.lora.mode == "none":
         raise ValueError(f"{checkpoint}: no adapter to merge (give --adapter, or a LoRA training checkpoint)")
-    merge_lora(model)
-    cfg.lora = LoraConfig(mode="none", temporal_adapter=cfg.lora.temporal_adapter,
-                          temporal_dim=cfg.lora.temporal_dim, temporal_kernel=cfg.lora.temporal_kernel)
-    cfg.train.init_from = None
+    fold_adapters(model, cfg)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     model_state = {k: v.clone() for k, v in state.items()}  # safetensors refuses shared memory
     norm = ckpt.load_weights(base_path, "norm")
