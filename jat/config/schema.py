@@ -137,6 +137,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     init_from: str | None = None  # start weights from this checkpoint (fine-tuning, QLoRA)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    # how several processes share the work: ddp replicates the model on every process; fsdp shards
+    # parameters, gradients, optimizer state and EMA over them (FSDP2, docs/scaling.md)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
