@@ -9,7 +9,7 @@ import typing
 from typing import Any
 
 from jat.config.safe_yaml import show as _show
-from jat.config.schema import Config, ConfigError, _filter_families, _latent_dim
+from jat.config.schema import Config, ConfigError, _filter_families, _latent_dim, _parse_codec
 
 # The allowed values of every number in the config (of each item, for a list of numbers), written
 # as the message says them; besides, every float must be finite and every int fit in 64 bits.
@@ -20,18 +20,18 @@ _RULES = {
             "data.order_min data.order_max data.versions train.max_steps train.batch_size train.grad_accum "
             "train.log_every train.val_every train.val_steps train.ckpt_every train.keep_last "
             "train.max_bad_steps lora.rank lora.temporal_dim lora.temporal_kernel "
-            "data.val_clips",  # data.val: null turns validation off, not 0 clips
+            "data.val_clips data.holes_max",  # data.val: null turns validation off, not 0 clips
     ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps model.envelope_bands flow.envelope_loss",
     "> 0": "model.mlp_ratio model.rope_theta flow.u_shape_a flow.logit_normal_std codec.chunk_seconds "
            "data.segment_seconds optim.lr optim.eps optim.grad_clip lora.alpha flow.band_threshold",
     "in [0, 1)": "flow.cond_dropout optim.betas train.ema_decay lora.dropout",
     "in (0, 1)": "flow.t_eps",
-    "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio",
+    "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio data.noise_prob data.codec_prob data.holes_prob",
     "in (0, 1]": "codec.mdct_compression flow.sigma_min lora.select_fraction",
     # Hz, below Nyquist: SAMPLE_RATE / 2 (jat.codecs.base), which tests/test_config.py checks this matches
     "in (0, 22050)": "data.cutoff_min data.cutoff_max data.val_cutoff",
     "in [0, 4294967295]": "train.seed",  # accelerate's set_seed seeds numpy, which takes < 2**32
-    "finite": "flow.logit_normal_mean flow.cfg_scale",  # cfg_scale 1 is off, 0 unconditional, < 0 repels
+    "finite": "flow.logit_normal_mean flow.cfg_scale data.noise_snr_min data.noise_snr_max",  # cfg_scale 1 is off, 0 unconditional, < 0 repels
 }
 RANGES: dict[str, str] = {key: rule for rule, keys in _RULES.items() for key in keys.split()}
 
@@ -110,6 +110,14 @@ def validate(cfg: Config, source: str) -> None:
     unknown = set(d.filters) - set(_filter_families())
     check(bool(d.filters) and not unknown, "data.filters",
           f"unknown filter families {_show(sorted(unknown))}")
+    check(d.noise_snr_min <= d.noise_snr_max, "data.noise_snr_min",
+          f"need noise_snr_min <= noise_snr_max, got {d.noise_snr_min}, {d.noise_snr_max}")
+    check(bool(d.codecs) or d.codec_prob == 0, "data.codecs", "empty, but data.codec_prob > 0")
+    for i, name in enumerate(d.codecs):
+        try:
+            _parse_codec(name)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: data.codecs[{i}]: {exc}") from None
 
     o = cfg.optim
     check(len(o.betas) == 2, "optim.betas", f"need two values in [0, 1), got {_show(o.betas)}")

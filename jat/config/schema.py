@@ -96,6 +96,15 @@ class DataConfig:
     filters: list[str] = field(default_factory=lambda: list(_filter_families()))  # all of them
     order_min: int = 2
     order_max: int = 10
+    # real-input stages after the low-pass (docs/design.md section 5), each drawn with its probability;
+    # all 0 by default: the clean low-pass only, as before these settings existed
+    noise_prob: float = 0.0  # probability of added white noise (band-limited like the LR)
+    noise_snr_min: float = 20.0  # dB, in-band SNR range of that noise (uniform)
+    noise_snr_max: float = 50.0
+    codec_prob: float = 0.0  # probability of a lossy codec round trip, drawn uniformly from `codecs`
+    codecs: list[str] = field(default_factory=lambda: ["mp3-64", "mp3-96", "mp3-128", "mp3-192", "vorbis-q2"])
+    holes_prob: float = 0.0  # probability of spectral holes (zeroed time-frequency rectangles)
+    holes_max: int = 8  # 1 to this many holes when there are any
     versions: int = 4  # degraded LR versions per clip when pre-encoding
     num_workers: int = 0
     strict: bool = False  # fail on the first bad file instead of skipping it
@@ -226,3 +235,10 @@ def _filter_families() -> tuple[str, ...]:
 
     return FAMILIES
 
+
+
+def _parse_codec(name: str) -> tuple[str, float]:
+    """A lossy codec name checked where the codecs live (`jat.data.lossy.parse_codec`)."""
+    from jat.data.lossy import parse_codec
+
+    return parse_codec(name)
