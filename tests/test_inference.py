@@ -26,7 +26,7 @@ from jat.data.degrade import Degradation, apply_degradation
 from jat.data.synth import demo_clip, harmonic_tone
 from jat.infer.band import estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
 from jat.infer.files import plan, write_output
-from jat.infer.upsampler import Upsampler, frame_noise, window_ranges, window_weights
+from jat.infer.upsampler import SHARED_NOISE, Upsampler, frame_noise, window_ranges, window_weights
 from jat.model.flow import FlowMatching
 
 SR = SAMPLE_RATE
@@ -169,7 +169,8 @@ def test_one_window_equals_the_plain_composition(checkpoint):
     res = up.upsample(x, SR, lfr=False, steps=3, seed=5)
     gain = level_gain(x)  # [C]
     c = up.latents.encode((x * gain[:, None])[:, None])  # [C, Cz, T]
-    z = up.sample_latents(c, steps=3, seed=5)  # noise stream k for channel k, as the windows draw it
+    noise = frame_noise(5, SHARED_NOISE, 0, c.shape[-1], c.shape[1]).expand(c.shape[0], -1, -1)  # [C, Cz, T]
+    z = up.sample_latents(c, steps=3, noise=noise)  # every channel from the same noise, as the windows draw it
     ref = restore_level(up.latents.decode(z, length=x.shape[-1])[:, 0], gain)  # [C, L]
     assert torch.equal(res.audio, ref)
 

@@ -1,27 +1,33 @@
-"""Upsampling (docs/design.md section 7): audio at any rate and channel count -> 44.1 kHz.
+"""Upsampling (docs/design.md section 7): audio at any rate and channel count -> 44.1 kHz or above.
 
 One signal [C, L] at rate sr goes through:
   1. cutoff: given, or estimated from the input spectrum (`band.estimate_cutoff`); at most sr / 2;
-  2. sinc resampling to 44.1 kHz (`band.resample_to_44k`): lr [C, L'], L' = ceil(L * 44100 / sr);
-  3. level normalisation (`level_gain`): each channel scaled to a fixed reference level, the gain
-     undone after decoding; a channel of digital silence skips the model and stays exactly zero;
+  2. the channels measured at the input's rate (`channels.ChannelMeter`): each one's level gain
+     (`level_gain`'s definition: a fixed reference level, undone after decoding; a channel of digital
+     silence skips the model and stays exactly zero) and which are copies of an earlier channel (a
+     copy is not computed again: it takes its source's output);
+  3. sinc resampling to 44.1 kHz (`band.resample_to_44k`): lr [C, L'], L' = ceil(L * 44100 / sr);
   4. encoding into the model's latent space (`LatentSpace.encode`), channels as a batch: c [C, Cz, T];
   5. windows of `window` frames overlapping by at least `overlap` frames (`window_ranges`), each
      sampled by the flow (the windows of several files share network batches), blended into one
      latent sequence with tapered weights (raised-cosine ramps over each overlap, divided by their
      sum, so they always add up to one);
-  6. one decode (the codec chunks long input itself), the level gain undone, and low-frequency
-     replacement: below the cutoff the output takes the input's own spectrum
-     (`band.low_frequency_replace`);
+  6. one decode (the codec chunks long input itself), the level gain undone, resampling to the output
+     rate R (`rates.output_rate`: 44.1 kHz, 48 kHz or the input's rate; ceil(L * R / sr) samples), and
+     low-frequency replacement at R: below the cutoff the output takes the spectrum of the input
+     resampled to R (the input itself when sr == R) (`band.low_frequency_replace`);
   7. a check that the output is finite (`UpsampleResult.error` names the cause when it is not).
 
 Blending latents rather than decoded audio: the decoder sees one continuous latent sequence (no
 seam can appear in the audio that the latents do not have), and the overlaps are decoded once.
-Noise: frame t of channel k starts from noise drawn from (seed, k, t // NOISE_BLOCK) (`frame_noise`),
-so overlapping windows share their noise and the result does not depend on the window layout or on
-which other files share a batch (beyond float rounding). Memory: the network never sees more than
-`batch_size` windows of `window` frames; what grows with length is only the file's own audio and
-latents (a few arrays of its size).
+Noise: frame t of every channel starts from the same noise, drawn from (seed, t // NOISE_BLOCK)
+(`frame_noise`, stream SHARED_NOISE), so overlapping windows share their noise and the result does not
+depend on the window layout or on which other files share a batch (beyond float rounding). Shared
+across channels, with each channel at the same reference level, a source panned into two channels
+(L = a s, R = b s) gives the network the same input twice: it generates the same band for both, scaled
+back by a and b, so the source stays where it was. Memory: the network never sees more than
+`batch_size` windows of `window` frames; what grows with length here is the signal's own audio and
+latents. Files stream instead (`jat.infer.stream`): the same stages a block at a time, flat in length.
 """
 
 from __future__ import annotations
@@ -41,8 +47,10 @@ from jat.checkpoint import hub, load
 from jat.codecs import Codec
 from jat.codecs.base import SAMPLE_RATE
 from jat.codecs.latent import LatentSpace
-from jat.data.audio import AudioError, level_gain, restore_level
-from jat.infer.band import estimate_cutoff, low_frequency_replace, output_length, resample_to_44k
+from jat.data.audio import AudioError, restore_level
+from jat.infer.band import estimate_cutoff, low_frequency_replace, resample_to_44k
+from jat.infer.channels import measure
+from jat.infer.rates import output_rate, rate_length, resample_blocks
 from jat.model.flow import Denoiser, FlowMatching
 from jat.model.kernels import cast_linears_
 from jat.runtime import tune_cpu_runtime
@@ -50,6 +58,7 @@ from jat.runtime import tune_cpu_runtime
 log = logging.getLogger(__name__)
 
 NOISE_BLOCK = 64  # frames per independently seeded noise block
+SHARED_NOISE = 0  # the noise stream every channel of a signal starts from
 MIN_SECONDS = 0.05  # shorter inputs are rejected
 
 Progress = Callable[[object, int, int], None]  # (key, windows done, windows in total)
@@ -142,12 +151,15 @@ class UpsampleError(RuntimeError):
 
 @dataclass
 class UpsampleResult:
-    """One upsampled signal: audio [C, L'] at 44.1 kHz and where the time went (seconds)."""
+    """One upsampled signal: audio [C, L'] at `sample_rate` and where the time went (seconds). A streamed
+    file (`jat.infer.stream`) keeps only the first `preview` seconds of `audio` and `input` here."""
 
-    audio: torch.Tensor  # [C, L'] the output at 44.1 kHz
-    input: torch.Tensor  # [C, L'] the input resampled to 44.1 kHz
+    audio: torch.Tensor  # [C, L'] the output at `sample_rate`
+    input: torch.Tensor  # [C, L'] the input resampled to `sample_rate` (its low band is the output's)
     cutoff: float
     duration: float  # seconds of audio
+    sample_rate: int = SAMPLE_RATE
+    channels: int = 0  # the output's channel count
     network_s: float = 0.0
     codec_s: float = 0.0
     other_s: float = 0.0  # loading aside: cutoff detection, resampling, low-frequency replacement
@@ -166,19 +178,28 @@ class _Job:
     """One signal in flight: its condition, windows, and the running blend of its sampled windows."""
 
     key: object
-    lr: torch.Tensor  # [C, L'] CPU
-    gain: torch.Tensor  # [C] `level_gain` of each channel (0: silent)
-    active: list[int]  # the channels that are not silent: only these go through the network
-    c: torch.Tensor | None  # [C, Cz, T] normalised condition, on the device
+    lr: torch.Tensor  # [U, L'] CPU: the distinct channels at 44.1 kHz
+    source: list[int]  # the output's channel k is distinct channel `unique.index(source[k])`
+    unique: list[int]  # the distinct channels (source[k] == k)
+    gain: torch.Tensor  # [U] `level_gain` of each distinct channel (0: silent)
+    active: list[int]  # rows of lr that are not silent: only these go through the network
+    c: torch.Tensor | None  # [A, Cz, T] normalised condition of the active rows, on the device
     ranges: list[tuple[int, int]]
     result: UpsampleResult
-    acc: torch.Tensor | None  # [C, Cz, T] weighted sum of the sampled windows
+    acc: torch.Tensor | None  # [A, Cz, T] weighted sum of the sampled windows
     wsum: torch.Tensor  # [T] sum of the weights
+    ref: torch.Tensor | None = None  # [U, n] the input at the output rate, where that is not 44.1 kHz
+    length: int = 0  # output samples at the output rate
     done: int = 0
 
     @property
     def total(self) -> int:
         return len(self.ranges) * len(self.active)
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """[U, n] rows of the distinct channels -> [C, n]: every copy takes its source's row."""
+        rows = [self.unique.index(j) for j in self.source]
+        return x if rows == list(range(len(rows))) else x[rows]
 
 
 class Upsampler:
@@ -258,7 +279,7 @@ class Upsampler:
                        mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised LR latents c [B, C, T] -> normalised HR latents [B, C, T].
 
-        Default noise: `frame_noise` with stream b for batch row b.
+        Default noise: `frame_noise` with stream b for batch row b (independent signals).
         """
         if noise is None:
             B, C, T = c.shape
@@ -267,8 +288,30 @@ class Upsampler:
             return self.flow.sample(self.model, c, mask=mask, steps=steps, solver=solver, cfg_scale=cfg_scale,
                                     noise=noise.to(self.device))
 
+    @torch.no_grad()
+    def sample_windows(self, rows: list[tuple[torch.Tensor, int]], steps: int | None = None,
+                       solver: str | None = None, cfg_scale: float | None = None,
+                       seed: int = 0) -> tuple[torch.Tensor, float]:
+        """Windows (c [Cz, w] on the device, first frame s) of one or more signals, sampled as one batch
+        from the shared noise of their frames: (x [B, Cz, max w] zero-padded, network seconds)."""
+        sizes = [c.shape[-1] for c, _ in rows]
+        width = max(sizes)
+        c = torch.zeros(len(rows), rows[0][0].shape[0], width, device=self.device)  # [B, Cz, W]
+        noise = torch.zeros(c.shape)  # [B, Cz, W]
+        for b, (cw, s) in enumerate(rows):
+            c[b, :, : sizes[b]] = cw
+            noise[b, :, : sizes[b]] = frame_noise(seed, SHARED_NOISE, s, s + sizes[b], c.shape[1])
+        mask = None
+        if min(sizes) < width:
+            valid = torch.tensor(sizes, device=self.device)[:, None]  # [B, 1]
+            mask = torch.arange(width, device=self.device)[None] < valid  # [B, W]
+        tic = self._sync()
+        x = self.sample_latents(c, steps, solver, cfg_scale, noise=noise, mask=mask)  # [B, Cz, W]
+        return x, self._sync() - tic
+
     def upsample(self, audio: torch.Tensor, sr: int, **kwargs) -> UpsampleResult:
-        """Audio [C, L] at `sr` -> UpsampleResult with audio [C, ceil(L * 44100 / sr)] at 44.1 kHz.
+        """Audio [C, L] at `sr` -> UpsampleResult with audio [C, ceil(L * R / sr)] at the output rate R
+        (44.1 kHz unless `output_rate` says otherwise).
 
         kwargs as for `upsample_many`. Raises UpsampleError when the output is not finite.
         """
@@ -281,18 +324,20 @@ class Upsampler:
     def upsample_many(self, items: Iterable[tuple[object, torch.Tensor, int]], *,
                       cutoff: float | str | None = "auto", lfr: bool = True, steps: int | None = None,
                       solver: str | None = None, cfg_scale: float | None = None, seed: int = 0,
+                      output_rate: int | str | None = None,
                       progress: Progress | None = None) -> Iterator[tuple[object, UpsampleResult]]:
         """Upsample (key, audio [C, L], sr) items, yielding (key, UpsampleResult) in input order.
 
         Items are read lazily; windows of consecutive items share network batches. cutoff: Hz, or
         'auto'/None to estimate it per item. lfr: keep the input's spectrum below the cutoff.
+        output_rate: Hz (at least 44.1 kHz), or 'input' (`rates.output_rate`); default 44.1 kHz.
         progress(key, done, total) is called as windows finish. A result whose audio is not finite
         carries the reason in `error` (the other items go on). A non-finite cfg_scale is a ValueError
         before any work.
         """
         if cfg_scale is not None and not math.isfinite(cfg_scale):
             raise ValueError(f"the guidance scale (cfg_scale) must be a finite number, got {cfg_scale}")
-        queue: deque = deque()  # (job, window index, channel)
+        queue: deque = deque()  # (job, window index, active row)
         jobs: deque[_Job] = deque()
         items = iter(items)
         more = True
@@ -302,10 +347,10 @@ class Upsampler:
                 if item is None:
                     more = False
                     break
-                job = self._prepare(*item, cutoff)
+                job = self._prepare(*item, cutoff, output_rate)
                 item = None  # the input at its own rate is no longer needed
                 jobs.append(job)
-                queue.extend((job, i, ch) for i in range(len(job.ranges)) for ch in job.active)
+                queue.extend((job, i, a) for i in range(len(job.ranges)) for a in range(len(job.active)))
                 if progress:
                     progress(job.key, 0, job.total)
             while jobs and jobs[0].done == jobs[0].total:  # before any batch too: silence needs none
@@ -318,47 +363,44 @@ class Upsampler:
 
     # --- the three stages ---------------------------------------------------------------------------
 
-    def _prepare(self, key: object, audio: torch.Tensor, sr: int, cutoff: float | str | None) -> _Job:
+    def _prepare(self, key: object, audio: torch.Tensor, sr: int, cutoff: float | str | None,
+                 rate: int | str | None) -> _Job:
         check_signal(audio, sr, key)
+        rate = output_rate(rate, sr)
         tic = time.perf_counter()
         audio = audio.float()
-        length = output_length(audio.shape[-1], sr)
         cut = estimate_cutoff(audio, sr) if cutoff in (None, "auto") else min(float(cutoff), sr / 2)
-        lr = resample_to_44k(audio, sr)  # [C, L']
-        gain = level_gain(lr)  # [C]
+        meter = measure(audio)
+        source = meter.source
+        unique = sorted(set(source))
+        audio = audio[unique] if len(unique) < len(source) else audio  # [U, L]
+        gain = meter.gain[unique]  # [U]
+        lr = resample_to_44k(audio, sr)  # [U, L']
         active = [k for k in range(lr.shape[0]) if gain[k] > 0]
-        result = UpsampleResult(torch.empty(0), lr, min(cut, SAMPLE_RATE / 2), length / SAMPLE_RATE)
+        length = rate_length(audio.shape[-1], sr, rate)
+        ref = None if rate == SAMPLE_RATE else resample_blocks(audio, sr, rate, length)  # [U, n]
+        del audio
+        result = UpsampleResult(torch.empty(0), torch.empty(0), min(cut, SAMPLE_RATE / 2), length / rate,
+                                rate, len(source))
         toc = self._sync()
-        scaled = (lr * gain[:, None])[:, None].to(self.device)  # [C, 1, L'] at the reference level
-        c = self.latents.encode(scaled)  # [C, Cz, T]
+        scaled = (lr[active] * gain[active, None])[:, None].to(self.device)  # [A, 1, L'] at the ref. level
+        c = self.latents.encode(scaled)  # [A, Cz, T]
         del scaled
         result.other_s, result.codec_s = toc - tic, self._sync() - toc
-        T = c.shape[-1]
+        T = self.latents.codec.num_frames(lr.shape[-1])
         ranges = window_ranges(T, self.window, self.overlap)
-        return _Job(key, lr, gain, active, c, ranges, result, torch.zeros_like(c),
-                    torch.zeros(T, device=self.device))
+        return _Job(key, lr, source, unique, gain, active, c, ranges, result, torch.zeros_like(c),
+                    torch.zeros(T, device=self.device), ref, length)
 
     def _run_batch(self, batch: list, steps, solver, cfg_scale, seed, progress: Progress | None) -> None:
-        sizes = [job.ranges[i][1] - job.ranges[i][0] for job, i, _ in batch]
-        width = max(sizes)
-        c = torch.zeros(len(batch), batch[0][0].c.shape[1], width, device=self.device)  # [B, Cz, W]
-        noise = torch.zeros(c.shape)  # [B, Cz, W]
-        for b, (job, i, ch) in enumerate(batch):
-            s, e = job.ranges[i]
-            c[b, :, : e - s] = job.c[ch, :, s:e]
-            noise[b, :, : e - s] = frame_noise(seed, ch, s, e, c.shape[1])
-        mask = None
-        if min(sizes) < width:
-            valid = torch.tensor(sizes, device=self.device)[:, None]  # [B, 1]
-            mask = torch.arange(width, device=self.device)[None] < valid  # [B, W]
-        tic = self._sync()
-        x = self.sample_latents(c, steps, solver, cfg_scale, noise=noise, mask=mask)  # [B, Cz, W]
-        elapsed = self._sync() - tic
-        for b, (job, i, ch) in enumerate(batch):
+        rows = [(job.c[a, :, job.ranges[i][0] : job.ranges[i][1]], job.ranges[i][0]) for job, i, a in batch]
+        x, elapsed = self.sample_windows(rows, steps, solver, cfg_scale, seed)  # [B, Cz, W]
+        sizes = [c.shape[-1] for c, _ in rows]
+        for b, (job, i, a) in enumerate(batch):
             s, e = job.ranges[i]
             w = window_weights(job.ranges, i).to(self.device)  # [e - s]
-            job.acc[ch, :, s:e] += x[b, :, : e - s] * w
-            if ch == job.active[0]:  # every active channel has the same windows: count them once
+            job.acc[a, :, s:e] += x[b, :, : e - s] * w
+            if a == 0:  # every active row has the same windows: count them once
                 job.wsum[s:e] += w
             job.result.network_s += elapsed * sizes[b] / sum(sizes)
             job.done += 1
@@ -368,20 +410,23 @@ class Upsampler:
     def _finish(self, job: _Job, lfr: bool) -> UpsampleResult:
         res = job.result
         tic = self._sync()
-        if not job.active:  # digital silence throughout: nothing to generate, nothing to decode
+        out = torch.zeros_like(job.lr)  # [U, L'] silent rows stay exactly zero
+        if job.active:  # (digital silence throughout: nothing to generate, nothing to decode)
+            z = job.acc.div_(job.wsum)  # [A, Cz, T] blended
             job.acc = job.c = None
-            res.audio = torch.zeros_like(job.lr)
-            res.other_s += self._sync() - tic
-            return res
-        z = job.acc.div_(job.wsum)  # [C, Cz, T] blended
+            y = self.latents.decode(z, length=job.lr.shape[-1], inplace=True)[:, 0]  # [A, L'] (z reused)
+            del z
+            out[job.active] = restore_level(y, job.gain[job.active]).float().cpu()  # at the input's level
+            del y
         job.acc = job.c = None
-        out = self.latents.decode(z, length=job.lr.shape[-1], inplace=True)[:, 0]  # [C, L'] (z reused)
-        del z
         toc = self._sync()
-        out = restore_level(out, job.gain)  # back to the input's level; silent channels exactly zero
+        ref = job.lr
+        if job.ref is not None:  # the model's output and the input's band at the output rate
+            out, ref = resample_blocks(out, SAMPLE_RATE, res.sample_rate, job.length), job.ref
         if lfr:
-            out = low_frequency_replace(out, job.lr, res.cutoff)
-        res.audio = out.float().cpu()
+            out = low_frequency_replace(out, ref, res.cutoff, sr=res.sample_rate)
+        res.audio, res.input = job.expand(out.float()), job.expand(ref)
+        job.ref = None
         if not bool(torch.isfinite(res.audio).all()):
             res.error = self.nonfinite_cause()
         res.codec_s += toc - tic
