@@ -26,12 +26,14 @@ _RULES = {
            "data.segment_seconds optim.lr optim.eps optim.grad_clip lora.alpha flow.band_threshold",
     "in [0, 1)": "flow.cond_dropout optim.betas train.ema_decay lora.dropout",
     "in (0, 1)": "flow.t_eps",
-    "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio data.noise_prob data.codec_prob data.holes_prob",
+    "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio data.noise_prob data.codec_prob "
+                 "data.holes_prob",
     "in (0, 1]": "codec.mdct_compression flow.sigma_min lora.select_fraction",
     # Hz, below Nyquist: SAMPLE_RATE / 2 (jat.codecs.base), which tests/test_config.py checks this matches
     "in (0, 22050)": "data.cutoff_min data.cutoff_max data.val_cutoff",
     "in [0, 4294967295]": "train.seed",  # accelerate's set_seed seeds numpy, which takes < 2**32
-    "finite": "flow.logit_normal_mean flow.cfg_scale data.noise_snr_min data.noise_snr_max",  # cfg_scale 1 is off, 0 unconditional, < 0 repels
+    # cfg_scale 1 is off, 0 unconditional, < 0 repels
+    "finite": "flow.logit_normal_mean flow.cfg_scale data.noise_snr_min data.noise_snr_max",
 }
 RANGES: dict[str, str] = {key: rule for rule, keys in _RULES.items() for key in keys.split()}
 

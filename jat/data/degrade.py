@@ -103,8 +103,8 @@ class Degradation:
         object.__setattr__(self, "holes", tuple(tuple(float(v) for v in h) for h in self.holes))
         for h in self.holes:
             if len(h) != 4 or not (0 <= h[0] <= h[1] and 0 <= h[2] <= h[3]):
-                raise ValueError(f"a hole is (start s, end s, low Hz, high Hz) with start <= end, low <= high; "
-                                 f"got {h}")
+                raise ValueError("a hole is (start s, end s, low Hz, high Hz) with start <= end and "
+                                 f"low <= high, got {h}")
 
     def record(self) -> list:
         """JSON-ready [cutoff, family, order] plus, when any extra stage is set, a dict of them."""
@@ -285,7 +285,7 @@ def sample_extras(rng: np.random.Generator, deg: Degradation, seconds: float, cf
 
 def sample_holes(rng: np.random.Generator, cutoff: float, seconds: float, count: int
                  ) -> tuple[tuple[float, float, float, float], ...]:
-    """`count` holes (start s, end s, low Hz, high Hz) inside [0, seconds] x [0, cutoff] (module docstring)."""
+    """`count` holes (start s, end s, low Hz, high Hz) in [0, seconds] x [0, cutoff] (module docstring)."""
     holes = []
     for _ in range(count):
         dur = min(float(rng.uniform(*HOLE_SECONDS)), seconds)

@@ -47,7 +47,8 @@ def parse_codec(name: str) -> tuple[str, float]:
             return kind, float(value[1:])
     except ValueError:
         pass
-    raise ValueError(f"unknown codec '{name}': use mp3-<kbps> with kbps in {MP3_BITRATES}, or vorbis-q<0..10>")
+    raise ValueError(f"unknown codec '{name}': use mp3-<kbps> with kbps in {MP3_BITRATES}, "
+                     "or vorbis-q<0..10>")
 
 
 def _settings(name: str) -> dict:
