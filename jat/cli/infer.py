@@ -1,12 +1,14 @@
-"""Upsample audio files to 44.1 kHz with a trained JaT-AudioSR checkpoint.
+"""Upsample audio files with a trained JaT-AudioSR checkpoint (the model runs at 44.1 kHz).
 
     python scripts/infer.py INPUT [INPUT ...] --checkpoint CKPT [--output-dir DIR] [--steps N]
         [--solver euler|heun] [--cfg W] [--seed S] [--cutoff HZ|auto] [--no-lfr] [--plot]
-        [--format wav|flac] [--overwrite] [--device auto|cpu|cuda]
+        [--output-rate 44100|48000|input] [--format wav|flac] [--overwrite] [--device auto|cpu|cuda]
 
 INPUT: files (wav, flac, ogg, anything soundfile reads; any rate, any channel count), folders
 (searched recursively) or globs ("music/**/*.flac"). Each input name.ext gives name_jat.wav beside it,
-or in --output-dir. Existing outputs are kept unless --overwrite; inputs are never written.
+or in --output-dir, at --output-rate (default 44100; `input`: the input's own rate where it is higher).
+Files stream through in blocks, so memory does not grow with their length; a progress bar per file
+shows the time left. Existing outputs are kept unless --overwrite; inputs are never written.
 Exit status: 0 when every file was written, 1 when any failed, 2 for a bad checkpoint or arguments
 (an unusable --output-dir included: it is checked before the checkpoint is loaded). Legal but odd
 settings (very many steps, a guidance scale outside 1-10, a cutoff outside the training range) print
@@ -29,6 +31,7 @@ from jat.codecs.base import SAMPLE_RATE
 from jat.config import ConfigError
 from jat.data.audio import AudioError
 from jat.infer.files import FORMATS, expand_inputs, plan, upsample_files
+from jat.infer.rates import OUTPUT_RATES
 from jat.infer.upsampler import Upsampler
 
 MAX_USEFUL_STEPS = 256  # more sampler steps than this rarely change the result
@@ -104,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-lfr", action="store_true", help="do not keep the input's spectrum below the cutoff")
     ap.add_argument("--plot", action="store_true", help="also write name_jat.png: input and output "
                     "spectrograms")
+    ap.add_argument("--output-rate", choices=OUTPUT_RATES, default="44100", help="output sample rate "
+                    "(input: the input's rate where it is above 44.1 kHz); the model runs at 44.1 kHz")
     ap.add_argument("--format", choices=FORMATS, default="wav")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     sums = {"network": 0.0, "codec": 0.0, "other": 0.0}
     outcomes = upsample_files(up, tasks, fmt=args.format, overwrite=args.overwrite, progress=progress,
                               cutoff=args.cutoff, lfr=not args.no_lfr, steps=args.steps, solver=args.solver,
-                              cfg_scale=args.cfg, seed=args.seed)
+                              cfg_scale=args.cfg, seed=args.seed, rate=args.output_rate)
     for out in outcomes:
         if out.error is not None:
             failed += 1
@@ -187,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         how = "detected" if args.cutoff == "auto" else "given"
         if res.cutoff >= 0.95 * SAMPLE_RATE / 2:
             how += "; the input is already full band, so there is little to add"
-        tqdm.write(f"{out.task.input} -> {out.task.output}: {res.duration:.2f} s, {res.audio.shape[0]} ch, "
+        tqdm.write(f"{out.task.input} -> {out.task.output}: {res.duration:.2f} s, {res.channels} ch, "
+                   f"{res.sample_rate} Hz, "
                    f"cutoff {res.cutoff / 1000:.2f} kHz ({how}); RTF {rtf['total']:.3f} = network "
                    f"{rtf['network']:.3f} + codec {rtf['codec']:.3f} + other {rtf['other']:.3f}")
     wall = time.perf_counter() - tic

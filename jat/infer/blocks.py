@@ -45,8 +45,8 @@ class Local:
     def finished(self) -> bool:
         return self.done == self.units
 
-    def push(self, x: torch.Tensor) -> torch.Tensor:
-        """Append input x [..., n]; return every output block that is now complete (maybe empty)."""
+    def push(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Append input x [..., n]; return every output block that is now complete (None if none is)."""
         if self.have + x.shape[-1] > self.total_in:
             raise ValueError(f"pushed {self.have + x.shape[-1]} samples into a {self.total_in}-sample stage")
         self.buf = x if self.buf is None else torch.cat([self.buf, x], -1)
@@ -67,12 +67,15 @@ class Local:
             keep = max(b - self.context, 0) * self.unit_in  # the next block's context starts here
             self.buf, self.start = self.buf[..., keep - self.start :], keep
         if not outs:
-            return self.buf.new_zeros(*self.buf.shape[:-1], 0)
+            return None
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The whole signal x [..., total_in] at once, still a block at a time."""
-        return self.push(x)
+        y = self.push(x)
+        if not self.finished:
+            raise ValueError(f"run() needs the whole {self.total_in}-sample signal, got {x.shape[-1]}")
+        return y
 
 
 class Fifo:

@@ -24,8 +24,9 @@ import torch
 
 from jat.atomic import TargetExistsError, remove_stale_temps, write_atomic
 from jat.codecs.base import SAMPLE_RATE
-from jat.data.audio import AUDIO_EXTENSIONS, AudioError, exists_error, read_samples, save_audio
-from jat.infer.upsampler import Progress, Upsampler, UpsampleResult, check_signal
+from jat.data.audio import AUDIO_EXTENSIONS, AudioError, audio_info, exists_error, read_samples, save_audio
+from jat.infer.rates import output_rate
+from jat.infer.upsampler import Progress, UpsampleError, Upsampler, UpsampleResult, check_signal
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,6 @@ class Task:
     input: Path
     output: Path
     plot: Path | None = None
-
-
-@dataclass(eq=False)
-class _Read:
-    """A task whose input has been read, as it travels through the upsampler (its key there): the
-    task, the input's soundfile subtype and the seconds reading took."""
-
-    task: Task
-    subtype: str
-    read_s: float
-
-    def __str__(self) -> str:  # a message naming the upsampler's key names the file
-        return str(self.task.input)
 
 
 @dataclass
@@ -207,76 +195,97 @@ def output_subtype(fmt: str, input_subtype: str | None) -> str:
     return "PCM_16"
 
 
-def write_output(path: Path, audio: torch.Tensor, subtype: str, overwrite: bool = False) -> Path:
-    """Write audio [C, L] at 44.1 kHz, clipped to [-1, 1] for integer formats, without ever leaving a
+def _clip(path: Path, audio: torch.Tensor, subtype: str) -> tuple[torch.Tensor, int]:
+    """(audio clipped to [-1, 1] for integer formats, how many samples were clipped)."""
+    if not subtype.startswith("PCM"):
+        return audio, 0
+    return audio.clamp(-1.0, 1.0), int((audio.abs() > 1).sum())
+
+
+def write_output(path: Path, audio: torch.Tensor, subtype: str, overwrite: bool = False,
+                 sr: int = SAMPLE_RATE) -> Path:
+    """Write audio [C, L] at `sr`, clipped to [-1, 1] for integer formats, without ever leaving a
     partial file; without `overwrite` an existing file is left alone (AudioError)."""
-    if subtype.startswith("PCM"):
-        clipped = int((audio.abs() > 1).sum())
-        if clipped:
-            log.warning("%s: %d samples above full scale clipped", path, clipped)
-        audio = audio.clamp(-1.0, 1.0)
-    return save_audio(path, audio, SAMPLE_RATE, subtype=subtype, overwrite=overwrite)
+    audio, clipped = _clip(path, audio, subtype)
+    if clipped:
+        log.warning("%s: %d samples above full scale clipped", path, clipped)
+    return save_audio(path, audio, sr, subtype=subtype, overwrite=overwrite)
 
 
 def write_plot(path: Path, result: UpsampleResult, overwrite: bool = False,
                seconds: float = PLOT_SECONDS) -> Path:
-    """Spectrogram PNG of input (at 44.1 kHz) and output, side by side, of at most `seconds` of audio."""
+    """Spectrogram PNG of input (at the output rate) and output, side by side, of at most `seconds`."""
     from jat.evaluation.plots import spectrogram_figure
 
-    n = round(seconds * SAMPLE_RATE)
-    fig = spectrogram_figure({"input": result.input[:, :n], "output": result.audio[:, :n]}, SAMPLE_RATE)
+    n = round(seconds * result.sample_rate)
+    clips = {"input": result.input[:, :n], "output": result.audio[:, :n]}
+    fig = spectrogram_figure(clips, result.sample_rate)
     try:
         return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), overwrite)
     except TargetExistsError:
         raise exists_error(path) from None
 
 
+def stream_task(up: Upsampler, task: Task, *, fmt: str = "wav", overwrite: bool = False,
+                progress: Progress | None = None, **kwargs) -> Outcome:
+    """Upsample one file, streaming (`jat.infer.stream.upsample_file`: memory flat in its length), into
+    its output (a temporary file moved into place whole) and plot. kwargs: cutoff, lfr, steps, solver,
+    cfg_scale, seed, rate. An unusable input, a non-finite result or a failed write give an Outcome
+    with the error, and nothing is left behind."""
+    from jat.infer.stream import upsample_file
+
+    tic = time.perf_counter()
+    try:
+        try:
+            info = sf.info(str(task.input))
+        except Exception:  # missing or unreadable: audio_info names the cause
+            audio_info(task.input)
+            raise
+    except AudioError as exc:
+        return Outcome(task, error=str(exc))
+    subtype = output_subtype(fmt, info.subtype)
+    box: list[UpsampleResult] = []
+    clipped = [0]
+
+    def write(tmp: Path) -> None:
+        with sf.SoundFile(str(tmp), "w", samplerate=output_rate(kwargs.get("rate"), info.samplerate),
+                          channels=info.channels, subtype=subtype, format=fmt.upper()) as f:
+            def block(y: torch.Tensor) -> None:
+                if not bool(torch.isfinite(y).all()):
+                    raise UpsampleError(up.nonfinite_cause())
+                y, n = _clip(task.output, y, subtype)
+                clipped[0] += n
+                f.write(y.T.numpy())  # [m, C]
+
+            box.append(upsample_file(up, task.input, block, key=task, progress=progress,
+                                     preview=PLOT_SECONDS if task.plot is not None else 0.0, **kwargs))
+
+    try:
+        write_atomic(task.output, write, overwrite)
+        if clipped[0]:
+            log.warning("%s: %d samples above full scale clipped", task.output, clipped[0])
+        if task.plot is not None:
+            write_plot(task.plot, box[0], overwrite)
+    except AudioError as exc:
+        return Outcome(task, error=str(exc))
+    except UpsampleError as exc:  # the input was checked on reading: the cause is the model's
+        return Outcome(task, error=f"{task.input}: {exc}")
+    except TargetExistsError:
+        return Outcome(task, error=str(exists_error(task.output)))
+    except OSError as exc:
+        return Outcome(task, error=f"{task.output}: {exc}")
+    result = box[0]
+    result.other_s = time.perf_counter() - tic - result.network_s - result.codec_s
+    return Outcome(task, result, subtype=subtype)
+
+
 def upsample_files(up: Upsampler, tasks: list[Task], *, fmt: str = "wav", overwrite: bool = False,
                    progress: Progress | None = None, **kwargs) -> Iterator[Outcome]:
-    """Run the tasks (windows of several files batched together), yielding one Outcome per task.
+    """Run the tasks one file at a time, streaming (`stream_task`), yielding one Outcome per task.
 
-    A file that cannot be read or written, or whose result is not finite (`UpsampleResult.error`),
-    gives an Outcome with its error and the others go on.
-    kwargs go to `Upsampler.upsample_many` (cutoff, lfr, steps, solver, cfg_scale, seed). Reading
-    and writing time count as 'other' in the result's timings.
+    A file that cannot be read or written, or whose result is not finite, gives an Outcome with its
+    error and the others go on. kwargs: cutoff, lfr, steps, solver, cfg_scale, seed, rate. Reading and
+    writing time count as 'other' in the result's timings.
     """
-    failed: list[Outcome] = []
-
-    def source():
-        for task in tasks:
-            tic = time.perf_counter()
-            try:
-                audio, sr, subtype = read_input(task.input)
-            except AudioError as exc:
-                failed.append(Outcome(task, error=str(exc)))
-                continue
-            box = [(_Read(task, subtype, time.perf_counter() - tic), audio, sr)]
-            del audio  # hold no reference while suspended, so the engine can free it after resampling
-            yield box.pop()
-
-    def task_progress(read: _Read, done: int, total: int) -> None:
-        progress(read.task, done, total)
-
-    for read, result in up.upsample_many(source(), progress=task_progress if progress else None, **kwargs):
-        yield from _drain(failed)
-        task, subtype, read_s = read.task, read.subtype, read.read_s
-        if result.error is not None:  # the input was checked on reading: the cause is the model's
-            yield Outcome(task, error=f"{task.input}: {result.error}")
-            continue
-        tic = time.perf_counter()
-        out_subtype = output_subtype(fmt, subtype)
-        try:
-            write_output(task.output, result.audio, out_subtype, overwrite)
-            if task.plot is not None:
-                write_plot(task.plot, result, overwrite)
-        except (AudioError, OSError) as exc:
-            yield Outcome(task, error=str(exc) if isinstance(exc, AudioError) else f"{task.output}: {exc}")
-            continue
-        result.other_s += read_s + time.perf_counter() - tic
-        yield Outcome(task, result, subtype=out_subtype)
-    yield from _drain(failed)
-
-
-def _drain(failed: list[Outcome]) -> Iterator[Outcome]:
-    while failed:
-        yield failed.pop(0)
+    for task in tasks:
+        yield stream_task(up, task, fmt=fmt, overwrite=overwrite, progress=progress, **kwargs)
