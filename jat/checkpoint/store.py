@@ -359,6 +359,14 @@ def load_weights(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
 def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
                  against: str = "the stored config") -> None:
     """load_state_dict with a one-line CheckpointError naming what does not fit."""
+    check_fits(module, state, what, against)
+    module.load_state_dict(state)
+
+
+def check_fits(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+               against: str = "the stored config") -> None:
+    """CheckpointError naming the missing, unexpected and misshapen tensors when `state` does not fit
+    `module` (whose state may be sharded: a DTensor's shape is the whole tensor's)."""
     own = module.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
@@ -368,7 +376,6 @@ def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], what: 
         parts = [f"{len(x)} {name} (first: {x[0]})" for x, name in
                  ((missing, "missing"), (unexpected, "unexpected"), (shapes, "of another shape")) if x]
         raise CheckpointError(f"{what} do not fit {against}: {'; '.join(parts)}")
-    module.load_state_dict(state)
 
 
 # settings that do not change what the weights mean: informational, memory-only, training-only

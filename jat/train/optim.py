@@ -8,12 +8,17 @@ import math
 import torch
 
 from jat.config import Config
+from jat.train.sharding import shard_like
 
 
 class EMA:
     """Exponential moving average of the trainable parameters (fp32, or the parameters' own precision
     where it is wider), with the usual warm-up
-    decay min(decay, (1 + n) / (10 + n)) so short runs are not dominated by the initial weights."""
+    decay min(decay, (1 + n) / (10 + n)) so short runs are not dominated by the initial weights.
+
+    Under FSDP (jat/train/sharding.py) the parameters are DTensors and so is each average: every
+    process averages its own shards, 1/N of the copy; `state_dict` then holds DTensors, and
+    `load_state_dict` takes whole tensors and keeps each process's shard."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -35,7 +40,7 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for i, name in enumerate(self.names):
-            self.shadow[i].copy_(state[name])
+            self.shadow[i].copy_(shard_like(state[name], self.shadow[i]))
 
 
 def _wide(p: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,12 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from jat.checkpoint import store as ckpt
-from jat.config import Config
+from jat.config import Config, ConfigError
 from jat.model.dit import JaT
 from jat.model.flow import FlowMatching, FlowNoise
 from jat.model.lora import format_lora_report, lora_report
 from jat.runtime import tune_cpu_runtime
+from jat.train import sharding
 from jat.train.data import Batch, StepBatches, TrainingData
 from jat.train.optim import EMA, build_optimizer, lr_lambda
 from jat.train.runlock import RunLock
@@ -66,8 +67,10 @@ class Trainer:
     """Trains `cfg`'s model on `data` (`jat.train.data.prepare`) and runs `fit()`.
 
     `validator(model, latents, flow, writer, step) -> metrics` (jat/train/validation.py) runs every
-    `train.val_every` steps on the EMA weights. What trains and what checkpoints hold follows
-    `lora.mode` (`jat.train.tuning`).
+    `train.val_every` steps on the EMA weights, on every process (`Validator` spreads its clips over
+    them). What trains and what checkpoints hold follows `lora.mode` (`jat.train.tuning`). With
+    `train.distributed=fsdp` and several processes the network, its gradients, the optimizer state and
+    the EMA are sharded (jat/train/sharding.py); checkpoints hold the same whole tensors either way.
 
     The output folder is locked (jat/train/runlock.py) before anything is built: a second run into it
     stops with RunLockedError. `fit` releases the lock when it ends (and takes it again when called
@@ -98,12 +101,16 @@ class Trainer:
         self.validator = validator
         self.tuning = tuning(cfg)
         model = self.tuning.build(self.acc.device)
+        self.sharded = self._shard(model)
         self.model_plain = model  # the bare network (state dicts, EMA); self.model may be compiled/wrapped
-        self.ema = EMA(model, t.ema_decay)
+        self.ema = EMA(model, t.ema_decay)  # built after sharding: then it averages the local shards
         self.optimizer = build_optimizer(model, cfg, self.acc.device.type)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         compiled = torch.compile(model) if t.compile else model
-        self.model, self.optimizer = self.acc.prepare(compiled, self.optimizer)
+        if self.sharded:  # FSDP does its own reductions: accelerate must not wrap the model in DDP
+            self.model, self.optimizer = compiled, self.acc.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(compiled, self.optimizer)
         self.sampler = StepBatches(len(data.dataset), t.batch_size, self.acc.process_index,
                                    self.acc.num_processes, t.seed)
         self.step = 0
@@ -115,6 +122,19 @@ class Trainer:
             self._resume(resume)
 
     # --- set-up helpers -------------------------------------------------------------------------
+    def _shard(self, model: JaT) -> bool:
+        """Shard `model` in place when train.distributed=fsdp runs in several processes; True if so."""
+        if self.cfg.train.distributed != "fsdp":
+            return False
+        if self.cfg.lora.mode != "none":
+            raise ConfigError(f"train.distributed=fsdp with lora.mode={self.cfg.lora.mode}: FSDP shards full "
+                              "training only (adapters are small: use train.distributed=ddp)")
+        if self.acc.num_processes == 1:
+            log.info("train.distributed=fsdp in one process: nothing to shard, the model stays whole")
+            return False
+        sharding.shard(model.to(self.acc.device))
+        return True
+
     def _lock_output(self) -> None:
         """Take the output folder's run lock on the main process; every rank stops if it is taken.
 
@@ -191,7 +211,10 @@ class Trainer:
                 if tokens_per_example is None:
                     tokens_per_example = math.ceil(batch.x.shape[-1] / self.cfg.model.patch_size)
                 sync = micro_i == t.grad_accum - 1
-                ctx = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
+                if sync:
+                    ctx = contextlib.nullcontext()
+                else:
+                    ctx = sharding.no_sync(self.model_plain) if self.sharded else acc.no_sync(self.model)
                 with ctx, acc.autocast():
                     loss, info = self.flow.loss(self.model, batch.x, batch.c, batch.mask,
                                                 noise=self._noise(batch, micro))
@@ -255,12 +278,11 @@ class Trainer:
         return self.tuning.ema_model(self.model_plain, self.ema)
 
     def validate(self) -> dict[str, float]:
-        """Sample the validation clips with the EMA weights; main process scores and logs them."""
-        metrics: dict[str, float] = {}
+        """Sample the validation clips with the EMA weights on every process (the Validator shares the
+        clips out and gathers the scores); the main process logs them."""
+        metrics = self.validator(self.ema_model(), self.latents, self.flow, self.writer, self.step)
         if self.acc.is_main_process:
-            metrics = self.validator(self.ema_model(), self.latents, self.flow, self.writer, self.step)
             self._log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)})
-        self.acc.wait_for_everyone()
         return metrics
 
     # --- logging --------------------------------------------------------------------------------
@@ -287,10 +309,19 @@ class Trainer:
         checkpoint. A failed write (disk full, file too large, ...) removes its temporary folder and
         raises CheckpointError; the earlier checkpoints stay as they were."""
         acc, model = self.acc, self.model_plain
-        weights = self.tuning.weights(model)
-        ema = self.tuning.ema_weights(self.ema, model)
-        # on every rank: the weights are replicated, so all reach the same verdict without a collective
-        self._check_finite({"model": weights, "ema": ema})
+        if self.sharded:  # whole tensors gathered onto the main process (collectives: every rank)
+            weights = sharding.model_state(model)
+            ema = sharding.gathered(self.tuning.ema_weights(self.ema, model), main_only=True)
+            optimizer = sharding.optimizer_state(model, self.optimizer.optimizer)
+            error = self._non_finite(weights, ema) if acc.is_main_process else None
+            [error] = broadcast_object_list([error])  # the main process's verdict, for all to act on
+        else:  # replicated: every rank reaches the same verdict without a collective
+            weights = self.tuning.weights(model)
+            ema = self.tuning.ema_weights(self.ema, model)
+            optimizer = self.optimizer.state_dict()
+            error = self._non_finite(weights, ema)
+        if error is not None:
+            raise TrainingError(error)
         tmp = ckpt.tmp_dir(self.out, self.step)
         if metric and "lsd" in metric and (not self.best or metric["lsd"] < self.best["lsd"]):
             self.best = {"lsd": metric["lsd"], "name": ckpt.checkpoint_name(self.step), "step": self.step}
@@ -304,7 +335,7 @@ class Trainer:
                          "skipped_steps": self.skipped_steps, "best": self.best, "metric": metric or {},
                          "losses": self.history[-1000:]}
                 ckpt.write_main(tmp, cfg=self.cfg, step=self.step, model=weights, ema=ema,
-                                norm=self.latents.norm.state_dict(), optimizer=self.optimizer.state_dict(),
+                                norm=self.latents.norm.state_dict(), optimizer=optimizer,
                                 state=state, extra_meta=self.tuning.metadata())
                 self.tuning.write_extra(tmp, model, ema)
             ckpt.write_rng(tmp, acc.process_index)
@@ -317,16 +348,18 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def _check_finite(self, groups: dict[str, dict[str, torch.Tensor]]) -> None:
-        """TrainingError if a model or EMA tensor holds NaN or inf (e.g. after a too large learning rate)."""
-        for prefix, tensors in groups.items():
+    def _non_finite(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> str | None:
+        """The TrainingError message if a model or EMA tensor holds NaN or inf (e.g. after a too large
+        learning rate), else None."""
+        for prefix, tensors in (("model", model), ("ema", ema)):
             bad = ckpt.non_finite(tensors)
             if bad is not None:
                 latest = ckpt.latest_checkpoint(self.out)
                 last = (f"the newest intact checkpoint is {latest}" if latest is not None
                         else f"there is no intact checkpoint in {self.out}")
-                raise TrainingError(f"step {self.step}: the weights became non-finite (tensor {prefix}.{bad} "
-                                    f"holds NaN or inf): nothing saved; {last}")
+                return (f"step {self.step}: the weights became non-finite (tensor {prefix}.{bad} "
+                        f"holds NaN or inf): nothing saved; {last}")
+        return None
 
     @contextlib.contextmanager
     def _writing(self, tmp: Path) -> Iterator[None]:
@@ -352,12 +385,19 @@ class Trainer:
                                        f"{'; '.join(diffs)} (resume with its settings, or choose another "
                                        "train.output_dir)")
         model = self.model_plain
-        try:
-            self.tuning.load(model, ckpt.load_weights(path, "model"), f"{path}: model weights")
+        try:  # every process reads the whole tensors (a shared filesystem); sharded runs keep their shards
+            weights, what = ckpt.load_weights(path, "model"), f"{path}: model weights"
+            if self.sharded:
+                sharding.load_model_state(model, weights, what)
+            else:
+                self.tuning.load(model, weights, what)
             self.ema.load_state_dict(ckpt.load_weights(path, "ema"))
             self.latents.norm.load_state_dict(ckpt.load_weights(path, "norm"))
             rest = ckpt.load_training_state(path, self.acc.process_index)
-            self.optimizer.load_state_dict(rest["optimizer"])
+            if self.sharded:
+                sharding.load_optimizer_state(model, self.optimizer.optimizer, rest["optimizer"])
+            else:
+                self.optimizer.load_state_dict(rest["optimizer"])
         except ckpt.CheckpointError:
             raise
         except (KeyError, ValueError, RuntimeError) as exc:  # same config, yet tensors that do not fit

@@ -22,6 +22,7 @@ from jat.config import Config, ConfigError
 from jat.model.dit import JaT
 from jat.model.lora import adapter_state_dict, apply_lora, load_adapter
 from jat.train.optim import EMA
+from jat.train.sharding import gathered
 
 
 class FullTuning:
@@ -57,7 +58,7 @@ class FullTuning:
     def ema_model(self, model: JaT, ema: EMA) -> JaT:
         """A separate copy of the network with the averaged weights, for sampling."""
         averaged = JaT(self.cfg.model).to(next(model.parameters()).device)
-        averaged.load_state_dict(ema.state_dict(model))
+        averaged.load_state_dict(gathered(ema.state_dict(model)))  # whole tensors when sharded
         return averaged.eval()
 
     def metadata(self) -> dict[str, str] | None:

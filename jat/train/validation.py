@@ -8,6 +8,11 @@ TensorBoard.
 plain names (lsd, lsd_hf, lsd_lf, lsd_lf_no_lfr, si_sdr, octave_err, rtf; "lsd" picks the trainer's
 best checkpoint), the baselines' with _sinc and _fill, and lsd_baseline (the sinc LSD under its
 old name, for readers of older state.json files).
+
+Under several processes (`accelerate launch`) every process runs the validator: process r scores clips
+r, r + N, r + 2N, ... and the scores are gathered, so every process returns the figures one process
+would have computed (each clip's seed is its index, not its process), while the main process, which
+holds the writer, logs the media.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from jat.codecs.base import SAMPLE_RATE
 from jat.codecs.latent import LatentSpace
@@ -57,6 +64,7 @@ class Validator:
         self.clips, self.steps, self.seed, self.log_media = clips, steps, seed, log_media
         self.window_seconds = window_seconds  # the upsampler's windows (None: its default)
         self.last_outputs: list[torch.Tensor] = []
+        self.scored_here: list[int] = []  # the clips this process scored in the last call
 
     @classmethod
     def from_config(cls, cfg: Config) -> Validator | None:
@@ -74,12 +82,18 @@ class Validator:
     def __call__(self, model, latents: LatentSpace, flow: FlowMatching, writer=None, step: int = 0,
                  ) -> dict[str, float]:
         """Score `model` in `latents` with `flow` on every clip through the shipped Upsampler; log the
-        first two clips' audio and spectrograms to `writer` (a SummaryWriter) at `step`."""
+        first two clips' audio and spectrograms to `writer` (a SummaryWriter) at `step`. Under several
+        processes every process calls it (a collective) and gets the same figures."""
         device = next(model.parameters()).device
         up = Upsampler(model, latents, flow, device, window_seconds=self.window_seconds)
+        state = PartialState()
+        self.scored_here = list(range(state.process_index, len(self.clips), state.num_processes))
+        mine = [(i, score_clip(up, self.clips[i].hr, self.clips[i].lr, self.clips[i].cutoff,
+                               steps=self.steps, seed=self.seed + i)) for i in self.scored_here]
+        scores = dict(gather_object(mine) if state.num_processes > 1 else mine)
         rows, self.last_outputs = [], []
         for i, clip in enumerate(self.clips):
-            score = score_clip(up, clip.hr, clip.lr, clip.cutoff, steps=self.steps, seed=self.seed + i)
+            score = scores[i]
             self.last_outputs.append(score.output)  # [1, L] with low-frequency replacement
             rows.append(score.metrics)
             if self.log_media and writer is not None and i < 2:
