@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: degrade each HR file at each cutoff (recorded protocol), upsample, score.
 
     python scripts/evaluate.py --checkpoint CKPT --data DIR [--cutoffs 4000 8000 12000] [--steps N]
-        [--max-files N] [--max-seconds S] [--json OUT]
+        [--max-files N] [--max-seconds S] [--degradation lowpass|mp3-64|vorbis-q2|noise-30|holes|...]
+        [--json OUT]
     python scripts/evaluate.py --checkpoint CKPT --data speech=heldout-speech.txt music=heldout-music.txt
 
 --data takes folders or manifests, each optionally named (NAME=PATH): named sets are also
@@ -22,6 +23,7 @@ from pathlib import Path
 from jat.checkpoint.store import CheckpointError, resolve_checkpoint
 from jat.config import ConfigError
 from jat.data.audio import AudioError, list_audio_files
+from jat.data.degrade import eval_degradation
 from jat.evaluation.evaluate import evaluate, markdown_table
 from jat.infer.upsampler import Upsampler
 
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, nargs="+", metavar="[NAME=]PATH",
                     help="folders (recursive) or manifests of HR audio, each optionally named")
     ap.add_argument("--cutoffs", nargs="+", type=float, default=[4000.0, 8000.0, 12000.0])
+    ap.add_argument("--degradation", default="lowpass",
+                    help="after the protocol's low-pass: lowpass (nothing more, the default), or '+'-joined "
+                         "mp3-<kbps>, vorbis-q<0..10>, noise-<SNR dB>, holes (e.g. mp3-64, "
+                         "mp3-128+noise-40); recorded in the JSON")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-seconds", type=float, default=None, help="score only the start of each file")
@@ -77,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         up = Upsampler.from_checkpoint(resolve_checkpoint(args.checkpoint), device=args.device,
                                        adapter=args.adapter)
         files, categories = data_sets(args.data, args.max_files)
+        eval_degradation(args.degradation, 8000.0, 1.0)  # a bad spec is a usage error
     except (CheckpointError, ConfigError, AudioError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = evaluate(up, files, args.cutoffs, steps=args.steps, seed=args.seed, max_seconds=args.max_seconds,
-                      categories=categories, progress=print)
+                      categories=categories, degradation=args.degradation, progress=print)
     table = markdown_table(result)
     print()
     print(table)

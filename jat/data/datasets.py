@@ -19,7 +19,9 @@ Latent shard format (written by `jat.data.precompute`, read by `LatentShardDatas
     metadata: one key, "jat", a JSON object (one key keeps the file bytes deterministic) with
       format, plan (fingerprint of the shard's work), codec, hop, sample_rate, latent_dim, versions,
       seed, dtype, data (segment_seconds and the LR simulation settings), sources ([file, channel,
-      segment] per row), degradations ([[cutoff, family, order] x K] per row), skipped ({file: reason})
+      segment] per row), degradations (K `Degradation.record()` lists per row: [cutoff, family, order],
+      plus a dict of the real-input stages when any were drawn; older shards hold only the three),
+      skipped ({file: reason})
   stats.safetensors      LatentNorm of the HR latents over valid frames (used for x and c alike)
   stats_lr.safetensors   LatentNorm of the LR latents (for inspection)
   meta.json              codec and data config, shard list and row counts, skipped files

@@ -72,6 +72,9 @@ HOLE_FFT = 2048  # STFT size of the spectral holes (hop HOLE_FFT // 4, Hann)
 HOLE_SECONDS = (0.02, 0.3)  # duration range of one hole
 HOLE_BAND = (0.25, 0.95)  # lower edge of a hole's band, as fractions of the cutoff
 HOLE_WIDTH = (0.05, 0.25)  # width of a hole's band, as a fraction of the cutoff
+# DataConfig fields of the real-input stages (stages 3-5), recorded with shards only when not at their default
+EXTRA_STAGE_KEYS = ("noise_prob", "noise_snr_min", "noise_snr_max", "codec_prob", "codecs", "holes_prob",
+                    "holes_max")
 EVAL_HOLES = 8  # holes in the evaluation protocol's "holes" degradation
 
 

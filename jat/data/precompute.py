@@ -47,7 +47,7 @@ from jat.data.datasets import (
     scan_audio_files,
     shard_metadata,
 )
-from jat.data.degrade import simulate_lowres
+from jat.data.degrade import EXTRA_STAGE_KEYS, simulate_lowres
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class Row:
     hr: np.ndarray  # [seg]
     lr: np.ndarray  # [K, seg]
     valid: int  # real samples; the rest is padding
-    degradations: list  # [[cutoff, family, order]] x K
+    degradations: list  # K x Degradation.record(): [cutoff, family, order(, {extra stages})]
 
 
 def prepare_file(path: Path, units: Sequence[Unit], cfg: DataConfig, versions: int, seed: int,
@@ -140,7 +140,7 @@ def prepare_file(path: Path, units: Sequence[Unit], cfg: DataConfig, versions: i
             rng = example_rng(seed, zlib.crc32(u.key.encode()), u.channel, u.segment, k)
             y, deg = simulate_lowres(x[None], sample_rate, rng, cfg)  # [1, n]
             lr[k, : x.size] = as_numpy(y).reshape(-1)
-            degs.append([float(deg.cutoff), str(deg.family), int(deg.order)])
+            degs.append(deg.record())
         rows.append(Row(u, hr, lr, x.size, degs))
     return rows
 
@@ -261,9 +261,14 @@ def precompute(files: Sequence[str | Path], out_dir: str | Path, codec: Codec, c
     if on_plan:
         on_plan(sum(len(units) for units in plan))
     lr_keys = ("segment_seconds", "cutoff_min", "cutoff_max", "filters", "order_min", "order_max")
+    # the real-input stages' settings only where they differ from the defaults (which add nothing), so
+    # shards made before these settings existed keep their fingerprints
+    defaults = asdict(DataConfig())
+    data = {k: v for k, v in asdict(cfg).items()
+            if k in lr_keys or (k in EXTRA_STAGE_KEYS and v != defaults[k])}
     settings = dict(format=SHARD_FORMAT, codec=codec_config or type(codec).__name__, hop=codec.hop,
                     sample_rate=codec.sample_rate, latent_dim=codec.latent_dim, versions=versions, seed=seed,
-                    dtype=dtype, data={k: v for k, v in asdict(cfg).items() if k in lr_keys})
+                    dtype=dtype, data=data)
     names = [out / f"shard-{j:05d}.safetensors" for j in range(len(plan))]
     for stale in sorted(set(out.glob(SHARD_GLOB)) - set(names)):  # left from a larger earlier plan
         log.info("removing stale shard %s", stale)

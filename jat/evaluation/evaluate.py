@@ -25,7 +25,7 @@ import torch
 
 from jat.codecs.base import SAMPLE_RATE
 from jat.data.audio import AudioError, load_audio
-from jat.data.degrade import EVAL_FILTER, Degradation, apply_degradation
+from jat.data.degrade import EVAL_FILTER, apply_degradation, eval_degradation
 from jat.evaluation.baselines import noise_fill
 from jat.evaluation.metrics import (
     PAIR_METRICS,
@@ -82,13 +82,18 @@ def score_clip(up: Upsampler, hr: torch.Tensor, lr: torch.Tensor, cutoff: float,
 
 def evaluate(up: Upsampler, files: Sequence[str | Path], cutoffs: Sequence[float], steps: int | None = None,
              seed: int = 0, max_seconds: float | None = None, *, categories: Sequence[str] | None = None,
-             progress: Callable[[str], None] | None = None) -> dict:
+             degradation: str = "lowpass", progress: Callable[[str], None] | None = None) -> dict:
     """Score `up` on every (file, cutoff); returns {protocol, rows, aggregate, skipped}.
 
     `categories` (one name per file, e.g. 'speech', 'music') adds per-category aggregates.
+    `degradation`: what is done to the HR after the protocol's low-pass (`jat.data.degrade.eval_degradation`:
+    'lowpass' alone, or e.g. 'mp3-64', 'vorbis-q2', 'noise-30', 'holes', 'mp3-128+noise-40'); the noise
+    and holes of file k are drawn from seed + k. Each row records its degradation (`Degradation.record`);
+    figures are still split at the low-pass cutoff.
     """
     if categories is not None and len(categories) != len(files):
         raise ValueError(f"{len(categories)} categories for {len(files)} files")
+    eval_degradation(degradation, 8000.0, 1.0)  # a bad spec fails before any work
     rows, skipped = [], {}
     for k, path in enumerate(files):
         try:
@@ -100,11 +105,12 @@ def evaluate(up: Upsampler, files: Sequence[str | Path], cutoffs: Sequence[float
         if max_seconds:
             hr = hr[:, : round(max_seconds * SAMPLE_RATE)]
         for cutoff in cutoffs:
-            deg = Degradation(float(cutoff), PROTOCOL["filter"], PROTOCOL["order"])
+            deg = eval_degradation(degradation, float(cutoff), hr.shape[-1] / SAMPLE_RATE, seed + k)
             lr = apply_degradation(hr, SAMPLE_RATE, deg)  # [C, L]
             score = score_clip(up, hr, lr, float(cutoff), steps=steps, seed=seed)
             m = score.metrics
-            row = {"file": str(path), "cutoff": float(cutoff), "seconds": hr.shape[-1] / SAMPLE_RATE, **m,
+            row = {"file": str(path), "cutoff": float(cutoff), "degradation": deg.record(),
+                   "seconds": hr.shape[-1] / SAMPLE_RATE, **m,
                    "octaves": {"bands": score.octaves["model"].bands,
                                **{who: o.db for who, o in score.octaves.items()}}}
             if categories is not None:
@@ -113,7 +119,9 @@ def evaluate(up: Upsampler, files: Sequence[str | Path], cutoffs: Sequence[float
             if progress:
                 progress(f"{Path(path).name} @ {cutoff:g} Hz: LSD-HF {m['lsd_hf_model']:.3f} "
                          f"(sinc {m['lsd_hf_sinc']:.3f}, noise fill {m['lsd_hf_fill']:.3f})")
-    return {"protocol": {**PROTOCOL, "cutoffs": list(map(float, cutoffs)), "steps": steps, "seed": seed},
+    protocol = {**PROTOCOL, "degradation": degradation, "cutoffs": list(map(float, cutoffs)), "steps": steps,
+                "seed": seed}
+    return {"protocol": protocol,
             "rows": rows, "aggregate": aggregate(rows), "skipped": skipped}
 
 
