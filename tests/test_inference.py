@@ -170,7 +170,7 @@ def test_one_window_equals_the_plain_composition(checkpoint):
     gain = level_gain(x)  # [C]
     c = up.latents.encode((x * gain[:, None])[:, None])  # [C, Cz, T]
     noise = frame_noise(5, SHARED_NOISE, 0, c.shape[-1], c.shape[1]).expand(c.shape[0], -1, -1)  # [C, Cz, T]
-    z = up.sample_latents(c, steps=3, noise=noise)  # every channel from the same noise, as the windows draw it
+    z = up.sample_latents(c, steps=3, noise=noise)  # every channel from the same noise, as windows draw it
     ref = restore_level(up.latents.decode(z, length=x.shape[-1])[:, 0], gain)  # [C, L]
     assert torch.equal(res.audio, ref)
 

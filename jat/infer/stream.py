@@ -41,14 +41,8 @@ from jat.infer.band import CUTOFF_SECONDS, estimate_cutoff, low_frequency_replac
 from jat.infer.blocks import Fifo, Local
 from jat.infer.channels import ChannelMeter
 from jat.infer.rates import output_rate, rate_length, resampler
-from jat.infer.upsampler import (
-    MIN_SECONDS,
-    Progress,
-    Upsampler,
-    UpsampleResult,
-    window_ranges,
-    window_weights,
-)
+from jat.infer.upsampler import MIN_SECONDS, Progress, Upsampler, UpsampleResult
+from jat.infer.windows import window_ranges, window_weights
 
 BLOCK_SECONDS = 10.0  # audio per block of every stage (and per read)
 _LFR = inspect.signature(low_frequency_replace).parameters  # its transform, so its reach is read once
