@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.signal
@@ -17,6 +19,7 @@ from jat.data.degrade import (
     Degradation,
     apply_degradation,
     design_lowpass,
+    eval_degradation,
     intermediate_rate,
     lowpass,
     sample_degradation,
@@ -191,3 +194,135 @@ def test_detect_cutoff_full_band_and_silence(noise):
     assert detect_cutoff(torch.zeros(2, SR), SR) == SR / 2
     stereo = apply_degradation(torch.cat([noise, -noise]), SR, Degradation(7000.0, "butter", 4))  # [2, L]
     assert detect_cutoff(stereo, SR) == pytest.approx(7000.0, rel=0.03)  # anti-phase channels do not cancel
+
+
+# ---------------------------------------------------------------------------------------------
+# real-input stages: noise, lossy codecs, spectral holes
+
+
+def test_default_config_draws_only_the_low_pass(noise):
+    """Defaults add nothing: the same draw and output as the plain low-pass, the old three-item record."""
+    lr, deg = simulate_lowres(noise, SR, np.random.default_rng(7), DataConfig())
+    again = sample_degradation(np.random.default_rng(7), 2000.0, 16000.0, list(FAMILIES), 2, 10)
+    assert deg == again and len(deg.record()) == 3
+    assert torch.equal(lr, apply_degradation(noise, SR, again))
+
+
+def test_every_stage_seeded_and_reproducible():
+    x = demo_clip(1.0, seed=3)[None]  # [1, L]
+    cfg = DataConfig(noise_prob=1.0, codec_prob=1.0, holes_prob=1.0, codecs=["mp3-64", "vorbis-q2"])
+    y1, d1 = simulate_lowres(x, SR, np.random.default_rng(11), cfg)
+    y2, d2 = simulate_lowres(x, SR, np.random.default_rng(11), cfg)
+    y3, d3 = simulate_lowres(x, SR, np.random.default_rng(12), cfg)
+    assert d1 == d2 and np.array_equal(y1, y2)  # bit-identical
+    assert d1 != d3 and not np.allclose(y1, y3)
+    assert d1.snr_db is not None and d1.codec in cfg.codecs and 1 <= len(d1.holes) <= cfg.holes_max
+    redone = apply_degradation(x, SR, Degradation.from_record(d1.record()))
+    assert np.array_equal(redone, y1)  # the record alone redoes it
+
+
+def test_records_round_trip_and_old_records_load():
+    deg = Degradation(5000.0, "ellip", 6, snr_db=30.0, noise_seed=4, codec="mp3-128",
+                      holes=((0.1, 0.2, 1000.0, 2000.0),))
+    assert Degradation.from_record(json.loads(json.dumps(deg.record()))) == deg
+    assert Degradation.from_record([8000.0, "butter", 8]) == Degradation(8000.0, "butter", 8)
+    with pytest.raises(ValueError, match="unknown keys"):
+        Degradation.from_record([8000.0, "butter", 8, {"reverb": 1}])
+    with pytest.raises(ValueError, match="codec"):
+        Degradation(8000.0, "butter", 8, codec="mp3-65")
+
+
+def test_noise_at_the_recorded_snr_inside_the_band(noise):
+    clean = Degradation(6000.0, "cheby1", 6)
+    noisy = Degradation(6000.0, "cheby1", 6, snr_db=25.0, noise_seed=9)
+    y0, y = apply_degradation(noise, SR, clean).double(), apply_degradation(noise, SR, noisy).double()
+    n = y - y0
+    # float32 storage of y rounds at ~1e-7 of the signal, far below a 25 dB noise: 0.01 dB holds
+    assert 10 * np.log10(float((y0**2).mean() / (n**2).mean())) == pytest.approx(25.0, abs=0.01)
+    assert 10 * np.log10(band_energy(n, 6000, SR / 2) / band_energy(n, 0, SR / 2)) < -80  # band-limited
+
+
+def mp3_bitrate(data: bytes) -> int:
+    """kbps in the first MPEG-1 layer III frame header of an encoded file."""
+    from jat.data.lossy import MP3_BITRATES
+
+    i = 0
+    if data[:3] == b"ID3":
+        i = 10 + ((data[6] << 21) | (data[7] << 14) | (data[8] << 7) | data[9])
+    while not (data[i] == 0xFF and data[i + 1] & 0xE0 == 0xE0):
+        i += 1
+    return MP3_BITRATES[(data[i + 2] >> 4) - 1]
+
+
+@pytest.mark.parametrize("kbps", [64, 128, 192])
+def test_mp3_bitrate_is_what_the_name_says(kbps):
+    from jat.data.lossy import encode
+
+    x = (0.1 * np.random.default_rng(0).standard_normal(4 * SR)).astype(np.float32)
+    data = encode(x, SR, f"mp3-{kbps}")
+    assert mp3_bitrate(data) == kbps
+    assert len(data) * 8 / 1000 / 4 == pytest.approx(kbps, rel=0.05)  # 4 s: the tag frame adds ~2 %
+
+
+def test_mp3_64_removes_the_top_band_and_stays_aligned():
+    """LAME's low-pass for mono 64 kbps (measured: the band ends near 16.7 kHz, -80 dB above 17 kHz);
+    the decoded signal is sample-aligned with the input (correlation peak at lag 0 below the cutoff)."""
+    from jat.data.lossy import codec_roundtrip
+
+    hr = demo_clip(2.0, seed=2).astype(np.float64)
+    y = codec_roundtrip(hr, SR, "mp3-64")
+    assert y.shape == hr.shape
+    assert 10 * np.log10(band_energy(y, 17000, SR / 2) / band_energy(hr, 17000, SR / 2)) < -60
+    assert 10 * np.log10(band_energy(y, 500, 8000) / band_energy(hr, 500, 8000)) > -1.0
+    sos = scipy.signal.butter(8, 6000.0, fs=SR, output="sos")
+    a, b = scipy.signal.sosfiltfilt(sos, hr), scipy.signal.sosfiltfilt(sos, y)
+    lags = np.arange(-20, 21)
+    corr = [float(np.dot(a[50:-50], np.roll(b, -k)[50:-50])) for k in lags]
+    assert lags[int(np.argmax(corr))] == 0
+    assert corr[20] / np.sqrt(np.dot(a[50:-50], a[50:-50]) * np.dot(b[50:-50], b[50:-50])) > 0.97
+    for codec in ("mp3-192", "vorbis-q2"):  # the other codecs keep the alignment too
+        c = scipy.signal.sosfiltfilt(sos, codec_roundtrip(hr, SR, codec))
+        assert lags[int(np.argmax([np.dot(a[50:-50], np.roll(c, -k)[50:-50]) for k in lags]))] == 0
+
+
+def test_holes_are_where_the_record_says():
+    x = demo_clip(2.0, seed=1)[None].astype(np.float64)  # [1, L]
+    holes = ((0.5, 0.8, 3000.0, 5000.0), (1.5, 1.6, 6000.0, 7000.0))
+    base = Degradation(8000.0, "butter", 6)
+    y0 = apply_degradation(x, SR, base)
+    y = apply_degradation(x, SR, Degradation(8000.0, "butter", 6, holes=holes))
+    window = torch.hann_window(2048, dtype=torch.float64)
+    stft = lambda z: torch.stft(torch.from_numpy(z[0]), 2048, 512, window=window, center=True,  # noqa: E731
+                                pad_mode="constant", return_complex=True).abs().numpy() ** 2
+    s0, s1 = stft(y0), stft(y)
+    t, f = np.arange(s0.shape[1]) * 512 / SR, np.arange(s0.shape[0]) * SR / 2048
+    outside = np.ones_like(s0, dtype=bool)
+    for start, end, low, high in holes:  # inside (a frame and 50 Hz in from the edges): gone
+        inner = np.ix_((f >= low + 50) & (f <= high - 50), (t >= start + 0.03) & (t <= end - 0.03))
+        assert 10 * np.log10(s1[inner].sum() / s0[inner].sum()) < -40
+        outside[np.ix_((f >= low - 100) & (f <= high + 100), (t >= start - 0.06) & (t <= end + 0.06))] = False
+    assert 10 * np.log10(((s1 - s0)[outside] ** 2).sum() / (s0[outside] ** 2).sum()) < -60  # elsewhere: kept
+
+
+def test_eval_degradation_specs():
+    assert eval_degradation("lowpass", 8000.0, 2.0) == Degradation(8000.0, "butter", 8)
+    d = eval_degradation("mp3-64+noise-30+holes", 8000.0, 2.0, seed=3)
+    assert d.codec == "mp3-64" and d.snr_db == 30.0 and len(d.holes) == 8
+    assert d == eval_degradation("mp3-64+noise-30+holes", 8000.0, 2.0, seed=3)
+    assert all(0 <= h[0] <= h[1] <= 2.0 and 0 <= h[2] <= h[3] <= 8000.0 for h in d.holes)
+    for bad in ("mp3-65", "noise-x", "reverb"):
+        with pytest.raises(ValueError, match="degradation|codec"):
+            eval_degradation(bad, 8000.0, 2.0)
+
+
+def test_config_checks_the_new_settings():
+    from jat.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.codecs\[1\]"):
+        Config.from_dict({"data": {"codecs": ["mp3-64", "aac-128"]}})
+    with pytest.raises(ConfigError, match=r"data\.noise_prob"):
+        Config.from_dict({"data": {"noise_prob": 1.5}})
+    with pytest.raises(ConfigError, match=r"data\.noise_snr_min"):
+        Config.from_dict({"data": {"noise_snr_min": 40.0, "noise_snr_max": 30.0}})
+    with pytest.raises(ConfigError, match="holes_mx"):
+        Config.from_dict({"data": {"holes_mx": 3}})
