@@ -9,11 +9,11 @@ MPEG-1 rates; the simulation runs at 44.1 kHz).
 How the settings reach the encoders (libsndfile 1.2): `compression_level` c in [0, 1] sets an MP3 CBR
 bit rate of int(320 - 288 c) kbps, which LAME rounds to the nearest MPEG-1 bit rate, so c = (320 - k) / 288
 gives exactly k kbps (tests read the bit rate back from the frame headers); for Vorbis, c = 1 - q / 10.
-LAME band-limits by bit rate (a mono 64 kbps stream keeps about 16.5 kHz; tests/test_degrade.py measures
+LAME band-limits by bit rate (a mono 64 kbps stream keeps about 16.7 kHz; tests/test_degrade.py measures
 it), and at low rates zeroes whole scale-factor bands for a granule: the spectral holes real MP3s have.
 
 Alignment: the MP3 decoder (mpg123 in libsndfile) reads the encoder delay and padding from the LAME tag
-and returns exactly the input's samples; Vorbis and Opus streams carry their own pre-skip. `codec_lag`
+and returns exactly the input's samples; Vorbis streams carry their own granule positions. `codec_lag`
 still measures the remaining lag once per (codec, rate) by cross-correlating a seeded broadband probe
 (0 for these builds), and `codec_roundtrip` removes it, so a decoder that does not trim would not shift
 the LR against the HR.
