@@ -20,16 +20,15 @@ from safetensors.torch import load_file
 
 from jat.checkpoint import load
 from jat.checkpoint import store as ckpt
+from jat.config import ConfigError
 from jat.model.dit import JaT
 from jat.model.flow import FlowMatching
+from jat.train import sharding
 from jat.train.validation import Validator
 
 WORKER = TESTS / "fsdp_worker.py"
 STEPS, ACCUM, BATCH, CLIPS = 4, 2, 2, 3
 LR, EPS = 1e-3, 1e-8  # make_config's learning rate, OptimConfig's AdamW eps
-
-
-pytestmark = pytest.mark.slow  # 4 launches of 2 processes, about 20 s each
 
 
 def launch(out, port: int, mode: str, *args) -> list[dict]:
@@ -46,20 +45,34 @@ def launch(out, port: int, mode: str, *args) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An FSDP run, the same run stopped after step 3 then resumed, and the DDP run."""
+    """An FSDP run, the same run stopped after step 3 then resumed, the DDP run, and a DDP run resuming
+    the FSDP run's checkpoint of step 3."""
     root = tmp_path_factory.mktemp("fsdp")
     full = launch(root / "fsdp", 29531, "fsdp")
     launch(root / "part", 29532, "fsdp", "--until", 3)
     torch.manual_seed(999)  # nothing in the resumed run may depend on this process or its RNG
     resumed = launch(root / "part", 29533, "fsdp", "--resume", "auto")
     ddp = launch(root / "ddp", 29534, "ddp")
-    return root, {"fsdp": full, "resumed": resumed, "ddp": ddp}
+    cross = launch(root / "cross", 29535, "ddp", "--resume", checkpoint(root, "fsdp", 3))
+    return root, {"fsdp": full, "resumed": resumed, "ddp": ddp, "cross": cross}
 
 
 def checkpoint(root, run, step=STEPS):
     return root / run / ckpt.checkpoint_name(step)
 
 
+def bound() -> float:
+    """How far float64 FSDP and DDP weights may drift apart in STEPS steps (test_fsdp_matches_ddp)."""
+    n, u, G = sum(p.numel() for p in JaT(make_config("x", 1, 1).model).parameters()), 2.0**-53, 1.0
+    return STEPS * LR * n * u * G / EPS
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.slow  # the 5 launches of `runs`, about 20 s each
 def test_parameters_and_ema_are_sharded(runs):
     _, reports = runs
     whole = sum(p.numel() for p in JaT(make_config("x", 1, 1).model).parameters())
@@ -71,6 +84,7 @@ def test_parameters_and_ema_are_sharded(runs):
     assert all(r["local_elements"] == r["ema_elements"] == whole for r in ddp)
 
 
+@pytest.mark.slow  # the 5 launches of `runs`, about 20 s each
 def test_fsdp_matches_ddp(runs):
     """Sharded and replicated training compute the same steps up to the order of sums.
 
@@ -83,20 +97,18 @@ def test_fsdp_matches_ddp(runs):
     while one wrong example or a missed reduction moves them by about lr.
     """
     root, reports = runs
-    n, u, G = sum(p.numel() for p in JaT(make_config("x", 1, 1).model).parameters()), 2.0**-53, 1.0
-    bound = STEPS * LR * n * u * G / EPS
-    assert bound < 0.03 * LR
+    assert bound() < 0.03 * LR
     for prefix in ("model", "ema"):
         a = ckpt.load_weights(checkpoint(root, "fsdp"), prefix)
         b = ckpt.load_weights(checkpoint(root, "ddp"), prefix)
-        assert a.keys() == b.keys() and all(v.dtype == torch.float64 for v in a.values())
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= bound, prefix
+        assert all(v.dtype == torch.float64 for v in a.values())
+        assert max_diff(a, b) <= bound(), prefix
     init = JaT(make_config("x", 1, 1).model).double().state_dict()
-    moved = max(float((init[k] - b[k]).abs().max()) for k in b)
-    assert moved > 10 * bound  # training moved the weights by far more than the bound
+    assert max_diff(init, ckpt.load_weights(checkpoint(root, "ddp"), "model")) > 10 * bound()  # it trained
     assert np.allclose(reports["fsdp"][0]["losses"], reports["ddp"][0]["losses"], rtol=1e-9, atol=0)
 
 
+@pytest.mark.slow  # the 5 launches of `runs`, about 20 s each
 def test_resume_is_bit_exact(runs):
     """gloo's collectives and FSDP's reduce-scatter are deterministic for the same inputs, so a resumed
     sharded run repeats the uninterrupted one exactly: losses, weights, EMA and optimizer state."""
@@ -108,6 +120,18 @@ def test_resume_is_bit_exact(runs):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow  # the 5 launches of `runs`, about 20 s each
+def test_ddp_resumes_an_fsdp_checkpoint(runs):
+    """A DDP run continuing the sharded run's step-3 checkpoint ends where the DDP run does, within the
+    same bound (the difference comes from the 3 sharded steps)."""
+    root, reports = runs
+    for prefix in ("model", "ema"):
+        a = ckpt.load_weights(checkpoint(root, "cross"), prefix)
+        assert max_diff(a, ckpt.load_weights(checkpoint(root, "ddp"), prefix)) <= bound(), prefix
+    assert np.allclose(reports["cross"][0]["losses"], reports["ddp"][0]["losses"][3:], rtol=1e-9, atol=0)
+
+
+@pytest.mark.slow  # the 5 launches of `runs`, about 20 s each
 def test_checkpoint_is_the_normal_format(runs):
     """The sharded run's checkpoint has the DDP one's tensors (names, shapes, dtypes), optimizer layout
     and config, and the inference loader reads it as it reads any other."""
@@ -124,6 +148,7 @@ def test_checkpoint_is_the_normal_format(runs):
     assert all(torch.equal(v, ema[k].to(v.dtype)) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow  # the 5 launches of `runs`, about 20 s each
 def test_validation_is_spread_and_equals_one_process(runs):
     """Rank 0 scored clips 0 and 2, rank 1 clip 1; the gathered means are what one process computes from
     the checkpoint's EMA weights (written after that validation)."""
@@ -147,3 +172,12 @@ def test_validation_is_spread_and_equals_one_process(runs):
     for key, value in want.items():
         if key != "rtf":
             assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_fsdp_shards_full_training_in_several_processes_only():
+    cfg = make_config("x", 1, 1, **{"train.distributed": "fsdp"})
+    assert sharding.wanted(cfg, 2) and not sharding.wanted(cfg, 1)  # one process: nothing to shard
+    assert not sharding.wanted(make_config("x", 1, 1), 2)  # ddp, the default
+    cfg.lora.mode = "lora"
+    with pytest.raises(ConfigError, match="train.distributed=fsdp with lora.mode=lora: FSDP shards full"):
+        sharding.wanted(cfg, 2)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -33,11 +34,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from jat.checkpoint import store as ckpt
+from jat.config import Config, ConfigError
 from jat.model.dit import JaT
+
+log = logging.getLogger(__name__)
 
 # whole tensors, on the CPU of the main process only (the others get empty dicts): what a writer needs
 _TO_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -45,16 +50,29 @@ _TO_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _FROM_FULL = StateDictOptions(full_state_dict=True, strict=True)
 
 
-def shard(model: JaT) -> JaT:
-    """Shard `model` in place over the default process group: one FSDP unit per DiT block, one root."""
+def wanted(cfg: Config, num_processes: int) -> bool:
+    """Whether this run shards: train.distributed=fsdp in several processes (in one there is nothing to
+    shard). ConfigError for adapter training, which FSDP does not cover."""
+    if cfg.train.distributed != "fsdp":
+        return False
+    if cfg.lora.mode != "none":
+        raise ConfigError(f"train.distributed=fsdp with lora.mode={cfg.lora.mode}: FSDP shards full "
+                          "training only (adapters are small: use train.distributed=ddp)")
+    if num_processes == 1:
+        log.info("train.distributed=fsdp in one process: nothing to shard, the model stays whole")
+    return num_processes > 1
+
+
+def shard(model: JaT, device: torch.device) -> JaT:
+    """Move `model` to `device` and shard it in place over all processes: one FSDP unit per DiT block,
+    one root. The mesh names the device type: FSDP's default would pick CUDA whenever it exists, also
+    for CPU processes (ACCELERATE_USE_CPU=1 on a GPU machine)."""
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    model.to(device)
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 @contextlib.contextmanager

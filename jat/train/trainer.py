@@ -28,7 +28,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from jat.checkpoint import store as ckpt
-from jat.config import Config, ConfigError
+from jat.config import Config
 from jat.model.dit import JaT
 from jat.model.flow import FlowMatching, FlowNoise
 from jat.model.lora import format_lora_report, lora_report
@@ -101,7 +101,9 @@ class Trainer:
         self.validator = validator
         self.tuning = tuning(cfg)
         model = self.tuning.build(self.acc.device)
-        self.sharded = self._shard(model)
+        self.sharded = sharding.wanted(cfg, self.acc.num_processes)
+        if self.sharded:
+            sharding.shard(model, self.acc.device)
         self.model_plain = model  # the bare network (state dicts, EMA); self.model may be compiled/wrapped
         self.ema = EMA(model, t.ema_decay)  # built after sharding: then it averages the local shards
         self.optimizer = build_optimizer(model, cfg, self.acc.device.type)
@@ -122,19 +124,6 @@ class Trainer:
             self._resume(resume)
 
     # --- set-up helpers -------------------------------------------------------------------------
-    def _shard(self, model: JaT) -> bool:
-        """Shard `model` in place when train.distributed=fsdp runs in several processes; True if so."""
-        if self.cfg.train.distributed != "fsdp":
-            return False
-        if self.cfg.lora.mode != "none":
-            raise ConfigError(f"train.distributed=fsdp with lora.mode={self.cfg.lora.mode}: FSDP shards full "
-                              "training only (adapters are small: use train.distributed=ddp)")
-        if self.acc.num_processes == 1:
-            log.info("train.distributed=fsdp in one process: nothing to shard, the model stays whole")
-            return False
-        sharding.shard(model.to(self.acc.device))
-        return True
-
     def _lock_output(self) -> None:
         """Take the output folder's run lock on the main process; every rank stops if it is taken.
 
