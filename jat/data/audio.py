@@ -57,8 +57,13 @@ def level_gain(audio: torch.Tensor) -> torch.Tensor:
     """
     n, chunk = audio.shape[-1], 2**20  # float64 a chunk at a time: no float64 copy of a long signal
     squares = sum(audio[..., a : a + chunk].double().square().sum(-1) for a in range(0, n, chunk))
-    rms = (squares / n).sqrt()  # [...]
-    peak = audio.abs().amax(-1).double()  # [...]
+    return gain_from_stats(squares, n, audio.abs().amax(-1).double())
+
+
+def gain_from_stats(squares: torch.Tensor, n: int, peak: torch.Tensor) -> torch.Tensor:
+    """`level_gain` [...] from a signal's sums of squares [...] over n samples and its peaks [...]
+    (float64), so a signal measured a block at a time gets the same gain as the whole of it at once."""
+    rms = (squares / max(n, 1)).sqrt()  # [...]
     gain = torch.minimum(10 ** (REF_RMS_DBFS / 20) / rms, PEAK_MAX / peak)
     return torch.where(peak >= SILENCE_PEAK, gain, 0.0).float()
 

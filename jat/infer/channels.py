@@ -5,8 +5,8 @@ Both are measured in one pass over the signal at its own rate, a block at a time
 file streamed from disk and the same signal held as a tensor get the same gains and the same copies:
 
   gain:   `jat.data.audio.level_gain`'s definition (RMS to REF_RMS_DBFS, capped so the peak stays at
-          PEAK_MAX, 0 for digital silence) over the whole signal, accumulated from per-block sums of
-          squares (float64) and peaks;
+          PEAK_MAX, 0 for digital silence) over the whole signal: `gain_from_stats` of per-block sums
+          of squares (float64) and peaks;
   source: source[k] is the first channel j <= k whose samples equal channel k's everywhere. Only
           channels with source[k] == k go through the model; a copy takes its source's output, so
           dual-mono in gives dual-mono out, bit for bit, whatever the hardware's batched arithmetic.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from jat.data.audio import PEAK_MAX, REF_RMS_DBFS, SILENCE_PEAK
+from jat.data.audio import gain_from_stats
 
 SQUARES_CHUNK = 2**20  # samples per float64 partial sum (no float64 copy of a long block)
 
@@ -54,9 +54,7 @@ class ChannelMeter:
     @property
     def gain(self) -> torch.Tensor:
         """Gain [C] per channel: `level_gain` of the whole signal seen so far."""
-        rms = (self.squares / max(self.length, 1)).sqrt()  # [C]
-        gain = torch.minimum(10 ** (REF_RMS_DBFS / 20) / rms, PEAK_MAX / self.peak)
-        return torch.where(self.peak >= SILENCE_PEAK, gain, 0.0).float()
+        return gain_from_stats(self.squares, self.length, self.peak)
 
     @property
     def source(self) -> list[int]:
