@@ -17,7 +17,8 @@ import scipy.signal
 import torch
 
 from jat.codecs.base import SAMPLE_RATE
-from jat.data.audio import resample, resampled_length
+from jat.data.audio import resampled_length
+from jat.infer.rates import resample_blocks
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +32,9 @@ def output_length(length: int, sr: int) -> int:
 
 
 def resample_to_44k(audio: torch.Tensor, sr: int, chunk_seconds: float = 30.0) -> torch.Tensor:
-    """audio [C, L] at `sr` -> [C, output_length(L, sr)] at 44.1 kHz (`audio.resample`, sinc), in chunks.
-
-    Chunks start on the resampler's polyphase period and read context either side of at least 15 times
-    the sinc kernel's half-width, so the result equals one-shot resampling (up to float rounding).
-    """
-    length = audio.shape[-1]
-    out_len = output_length(length, sr)
-    if sr == SAMPLE_RATE:
-        return audio
-    g = math.gcd(int(sr), SAMPLE_RATE)
-    period, new_period = sr // g, SAMPLE_RATE // g  # `period` input samples give exactly `new_period` outputs
-    ctx = period * math.ceil(1024 * max(1.0, period / new_period) / period)
-    chunk = period * max(1, round(chunk_seconds * sr / period))
-    out = audio.new_empty(audio.shape[0], out_len)  # [C, L']
-    for a in range(0, length, chunk):
-        b = min(a + chunk, length)
-        lo, hi = max(a - ctx, 0), min(b + ctx, length)
-        y = resample(audio[..., lo:hi], sr, SAMPLE_RATE)  # [C, ~(hi - lo) * SAMPLE_RATE / sr]
-        o0, o1 = (a - lo) // period * new_period, a // period * new_period
-        n = min(out_len, output_length(b, sr)) - o1
-        out[..., o1 : o1 + n] = y[..., o0 : o0 + n]
-    return out
+    """audio [C, L] at `sr` -> [C, output_length(L, sr)] at 44.1 kHz (`audio.resample`, sinc), in chunks
+    of about `chunk_seconds` joined exactly (`jat.infer.rates.resample_blocks`)."""
+    return resample_blocks(audio, sr, SAMPLE_RATE, block_seconds=chunk_seconds)
 
 
 @dataclass(frozen=True)

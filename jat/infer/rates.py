@@ -59,8 +59,10 @@ def resampler(orig: int, new: int, total_in: int, block_seconds: float = 30.0,
     return Local(lambda x: resample(x, orig, new), total_in, out, period, new_period, context, block)
 
 
-def resample_blocks(audio: torch.Tensor, orig: int, new: int, length: int | None = None) -> torch.Tensor:
-    """audio [C, L] at `orig` -> [C, length or rate_length(L)] at `new`, a block at a time."""
+def resample_blocks(audio: torch.Tensor, orig: int, new: int, length: int | None = None,
+                    block_seconds: float = 30.0) -> torch.Tensor:
+    """audio [C, L] at `orig` -> [C, length or rate_length(L)] at `new`, in blocks of about
+    `block_seconds` that join exactly: `resample(audio, orig, new)` up to float rounding."""
     if orig == new and length in (None, audio.shape[-1]):
         return audio
-    return resampler(orig, new, audio.shape[-1], total_out=length).run(audio)
+    return resampler(orig, new, audio.shape[-1], block_seconds, total_out=length).run(audio)
