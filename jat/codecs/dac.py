@@ -10,6 +10,10 @@ extra frames on both sides (at least the network's one-sided receptive field, co
 convolutions) and trimmed back to its centre. With enough context every kept frame sees the same
 input as in one pass, so chunked output equals one-shot output up to float rounding. (The library's
 own `compress` instead turns off convolution padding and so differs from a one-shot `encode`.)
+
+Codes. `encode_codes` gives the residual quantizer's codes [B, Q, T] (Q codebooks of `codebook_size`
+entries) and `from_codes` turns them back into z; `encode` is the two in turn, so a cache of codes
+(jat/data/precompute.py) rebuilds exactly the latents direct encoding gives, at 2 bytes per code.
 """
 
 from __future__ import annotations
@@ -142,19 +146,47 @@ class DACCodec(Codec):
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @property
+    def n_codebooks(self) -> int:
+        """Residual codebooks Q of the quantizer (9 for the 44 kHz 8 kbps weights)."""
+        return int(self.model.n_codebooks)
+
+    @property
+    def codebook_size(self) -> int:
+        """Entries per codebook (1024 for the 44 kHz weights: 10 bits per code)."""
+        return int(self.model.codebook_size)
+
     @torch.no_grad()
-    def encode(self, audio: torch.Tensor) -> torch.Tensor:
-        """[B, 1, L] audio -> quantized continuous latents z [B, latent_dim, ceil(L / hop)]."""
+    def encode_codes(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, 1, L] audio -> quantizer codes [B, Q, ceil(L / hop)] int64 (chunked like `encode`)."""
         self._check_audio(audio)
         hop, ctx = self.hop, self.context_frames
         total = self.num_frames(audio.shape[-1])
         x = F.pad(audio.to(self._dtype), (0, total * hop - audio.shape[-1]))  # [B, 1, T*hop]
-        out = x.new_empty(x.shape[0], self.latent_dim, total)  # [B, C, T]
+        out = torch.empty(x.shape[0], self.n_codebooks, total, dtype=torch.long, device=x.device)  # [B, Q, T]
         for f0, f1 in chunk_ranges(total, self.chunk_frames):
             a, b = max(f0 - ctx, 0), min(f1 + ctx, total)  # chunk plus context, in frames
-            z = self.model.encode(x[..., a * hop : b * hop])[0]  # [B, C, b - a]
-            out[..., f0:f1] = z[..., f0 - a : f1 - a]
+            codes = self.model.encode(x[..., a * hop : b * hop])[1]  # [B, Q, b - a]
+            out[..., f0:f1] = codes[..., f0 - a : f1 - a]
         return out
+
+    @torch.no_grad()
+    def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, Q, T] (any integer dtype) -> z [B, latent_dim, T]: the sum over codebooks of each
+        chosen entry, projected out (`quantizer.from_codes`). Frames are independent: no chunking."""
+        if codes.dim() != 3 or codes.shape[1] != self.n_codebooks:
+            raise CodecError(f"DAC codes must be [B, {self.n_codebooks}, T], got {tuple(codes.shape)}")
+        return self.model.quantizer.from_codes(codes.long())[0]  # [B, C, T]
+
+    @torch.no_grad()
+    def encode(self, audio: torch.Tensor) -> torch.Tensor:
+        """[B, 1, L] audio -> quantized continuous latents z [B, latent_dim, ceil(L / hop)].
+
+        z is rebuilt from the codes (`from_codes`), not taken from the quantizer's forward pass, whose
+        straight-through form z_e + (z_q - z_e) equals the codebook entry only up to float rounding:
+        so latents rebuilt from a codes cache are bit-identical to this encoding.
+        """
+        return self.from_codes(self.encode_codes(audio))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, length: int | None = None) -> torch.Tensor:

@@ -16,6 +16,10 @@ Latent shard format (written by `jat.data.precompute`, read by `LatentShardDatas
     cutoff  [N, K]        float32   Hz, low-pass cutoff of each LR version
     moments_hr, moments_lr  [3, C]  float64  count, mean and sum of squared deviations of the
                                     stored latents over valid frames (merged into the stats)
+    a codes cache (`cache` "codes" or "codes-hr" in the metadata, DAC) holds instead of hr, and of
+    lr with "codes", the quantizer's codes, rebuilt into latents by `from_codes` on the device:
+    hr_codes [N, Q, T]     int16     Q codebooks' entries per frame
+    lr_codes [N, K, Q, T]  int16
     metadata: one key, "jat", a JSON object (one key keeps the file bytes deterministic) with
       format, plan (fingerprint of the shard's work), codec, hop, sample_rate, latent_dim, versions,
       seed, dtype, data (segment_seconds and the LR simulation settings), sources ([file, channel,
@@ -24,11 +28,15 @@ Latent shard format (written by `jat.data.precompute`, read by `LatentShardDatas
       skipped ({file: reason})
   stats.safetensors      LatentNorm of the HR latents over valid frames (used for x and c alike)
   stats_lr.safetensors   LatentNorm of the LR latents (for inspection)
-  meta.json              codec and data config, shard list and row counts, skipped files
+  meta.json              codec and data config, shard list and row counts, skipped files,
+                         bytes per hour of audio
+  index.json             every shard's name, rows, valid frames and bytes, and the row shape
+                         (`jat.data.shards`): readers open a shard only when they read from it
 
 float16 halves the size of float32 and keeps ~3 significant digits; precompute refuses latents that
 overflow it (choose float32 or bfloat16 then). The shard's `dtype` metadata says what was stored.
-The items of `LatentShardDataset` are the rows of the shards in name order.
+The items of `LatentShardDataset` are the rows of the shards in name order. Folders written before
+the codes cache and the index existed hold only hr/lr and no index.json; they load as before.
 """
 
 from __future__ import annotations
@@ -43,7 +51,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset
 
 from jat.codecs.base import SAMPLE_RATE
@@ -59,6 +66,7 @@ from jat.data.audio import (
     resampled_length,
 )
 from jat.data.degrade import simulate_lowres
+from jat.data.shards import INDEX, ShardError, ShardSource
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +76,9 @@ SHARD_KEYS = ("hr", "lr", "frames", "cutoff")
 MAX_REDRAWS = 100  # draws of another file before a dataset of bad files gives up
 
 
-class ShardError(ValueError):
-    """A latent shard folder that is missing, empty or holds a corrupt shard (named in the message)."""
-
-
 def shard_metadata(handle: Any) -> dict[str, Any]:
-    """The "jat" metadata object of an open shard (`safe_open` handle); {} when absent."""
+    """The "jat" metadata object of an open shard (a `safe_open` or `ShardSource.open` handle); {} when
+    absent."""
     return json.loads((handle.metadata() or {}).get("jat", "{}"))
 
 
@@ -261,59 +266,85 @@ class AudioSegmentDataset(Dataset):
 
 
 class LatentShardDataset(Dataset):
-    """Pre-encoded latents: dict(x [C, T] HR, c [C, T] LR version, mask [T] bool, cutoff float).
+    """Pre-encoded latents: dict(x [C, T] HR, c [C, T] LR version, mask [T] bool, cutoff float); from a
+    codes cache, x_codes [Q, T] int16 in place of x (and c_codes in place of c when the LR versions
+    are codes too), which the training batch turns into latents on the device (`from_codes`).
 
     The LR version k of K, and with `segment_frames` a random crop inside the valid frames (padding
-    with mask False when a row is shorter), are a function of (seed, epoch, index). Shard headers are
-    read once for the index; tensors are memory-mapped and only the rows asked for are read.
+    with mask False when a row is shorter; padded codes are 0), are a function of (seed, epoch, index).
+    `root` is a local folder, a folder at an fsspec URL or an uncompressed tar of one
+    (`jat.data.shards`). With the folder's index a shard is opened only when one of its rows is read;
+    without one (older folders) every shard's header is read here. Only the rows asked for are read.
     """
 
     def __init__(self, root: str | Path, segment_frames: int | None = None, seed: int = 0):
         if segment_frames is not None and segment_frames < 1:
             raise ValueError(f"segment_frames must be >= 1, got {segment_frames}")
-        self.root = Path(root)
+        self.root = str(root)
+        self.source = ShardSource(root)
         self.segment_frames = segment_frames
         self.seed = seed
         self.epoch = 0
-        if not self.root.is_dir():
+        if not self.source.exists():
             raise ShardError(f"{self.root}: latent folder not found")
-        self.shards = sorted(self.root.glob(SHARD_GLOB))
-        if not self.shards:
+        meta = self.source.read_text("meta.json")
+        self.meta: dict[str, Any] = json.loads(meta) if meta else {}
+        index = self.source.index()
+        entries = index["shards"] if index else [dict(name=n) for n in self.source.names(SHARD_GLOB)]
+        if not entries:
             raise ShardError(f"{self.root}: no latent shards ({SHARD_GLOB}); make them with "
                              "scripts/precompute_latents.py")
-        meta_path = self.root / "meta.json"
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        self._frames: list[torch.Tensor] = []  # per shard [N] int
-        self._cutoff: list[torch.Tensor] = []  # per shard [N, K]
-        shapes = set()
-        rows = []
-        for s, path in enumerate(self.shards):
-            with self._open(path) as f:
-                missing = set(SHARD_KEYS) - set(f.keys())
-                if missing:
-                    raise ShardError(f"{path}: corrupt latent shard: missing tensors {sorted(missing)}")
-                n, k, c, t = f.get_slice("lr").get_shape()
-                if f.get_slice("hr").get_shape() != [n, c, t]:
-                    raise ShardError(f"{path}: corrupt latent shard: hr and lr shapes disagree")
-                self._frames.append(f.get_tensor("frames").long())
-                self._cutoff.append(f.get_tensor("cutoff").float())
-            if n:
-                shapes.add((k, c, t))
-                rows.extend((s, r) for r in range(n))
-        if len(shapes) > 1:
-            raise ShardError(f"{self.root}: shards disagree on (versions, channels, frames): "
-                             f"{sorted(shapes)}")
-        if not rows:
-            raise ShardError(f"{self.root}: the shards hold no rows (every source file was skipped?)")
-        self.versions, self.latent_dim, self.frames = shapes.pop()
-        self._rows = np.asarray(rows, dtype=np.int64)  # [items, 2] (shard, row)
+        self.shards = [e["name"] for e in entries]
+        self._layout: dict[int, tuple[str, str]] = {}  # shard -> (HR key, LR key), once read
+        self._frames: dict[int, torch.Tensor] = {}  # shard -> [N] valid frames, once read
+        self._cutoff: dict[int, torch.Tensor] = {}  # shard -> [N, K] Hz, once read
         self._handles: dict[int, Any] = {}
+        if index:
+            counts = [int(e["rows"]) for e in entries]
+            self.versions, self.latent_dim, self.frames = (int(index[k]) for k in ("versions", "latent_dim",
+                                                                                   "frames"))
+        else:
+            counts, shapes = [], set()
+            for s in range(len(self.shards)):
+                n, shape = self._read_header(s)
+                counts.append(n)
+                if n:
+                    shapes.add(shape)
+            if len(shapes) > 1:
+                raise ShardError(f"{self.root}: shards disagree on (versions, channels, frames): "
+                                 f"{sorted(shapes)}")
+            if shapes:
+                self.versions, self.latent_dim, self.frames = shapes.pop()
+        if not sum(counts):
+            raise ShardError(f"{self.root}: the shards hold no rows (every source file was skipped?)")
+        self._counts = counts
+        self._rows = np.asarray([(s, r) for s, n in enumerate(counts) for r in range(n)],
+                                dtype=np.int64)  # [items, 2] (shard, row)
 
-    def _open(self, path: Path):
-        try:
-            return safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError) as exc:
-            raise ShardError(f"{path}: corrupt or unreadable latent shard: {exc}") from None
+    def _handle(self, s: int) -> Any:
+        if s not in self._handles:
+            self._handles[s] = self.source.open(self.shards[s])
+        return self._handles[s]
+
+    def _read_header(self, s: int) -> tuple[int, tuple[int, int, int]]:
+        """Check shard `s`, keep its frames and cutoffs; (rows, (versions, latent channels, frames))."""
+        f, where = self._handle(s), self.source.where(self.shards[s])
+        keys = set(f.keys())
+        layout = shard_layout(keys)
+        if layout is None:
+            raise ShardError(f"{where}: corrupt latent shard: missing tensors "
+                             f"{sorted({'hr', 'lr', 'frames', 'cutoff'} - keys)}")
+        hr_key, lr_key = layout
+        n, k, *_, t = f.shape(lr_key)
+        hr_shape = f.shape(hr_key)
+        if hr_shape[0] != n or hr_shape[-1] != t:
+            raise ShardError(f"{where}: corrupt latent shard: hr and lr shapes disagree")
+        channels = (hr_shape[1] if hr_key == "hr" else f.shape("lr")[2] if lr_key == "lr"
+                    else int(shard_metadata(f).get("latent_dim", -1)))  # a codes shard says it
+        self._layout[s] = layout
+        self._frames[s] = f.tensor("frames").long()
+        self._cutoff[s] = f.tensor("cutoff").float()
+        return n, (k, channels, t)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": {}}  # open files do not travel to DataLoader workers
@@ -327,25 +358,36 @@ class LatentShardDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         s, r = (int(v) for v in self._rows[index])
-        if s not in self._handles:
-            self._handles[s] = self._open(self.shards[s])
-        f = self._handles[s]
+        if s not in self._layout:  # first row read from this shard (index path): check it against the index
+            n, shape = self._read_header(s)
+            if n != self._counts[s] or (n and (shape[0] != self.versions or shape[2] != self.frames)):
+                raise ShardError(f"{self.source.where(self.shards[s])}: shard does not match {INDEX} "
+                                 f"({n} rows, shape {shape}); rerun the pre-encoding to rewrite the index")
+        f, (hr_key, lr_key) = self._handle(s), self._layout[s]
         rng = example_rng(self.seed, self.epoch, index)
         k = int(rng.integers(self.versions))
         valid = int(self._frames[s][r])
         length = self.segment_frames or self.frames
         start = int(rng.integers(max(0, valid - length) + 1)) if length < self.frames else 0
         stop = min(start + length, self.frames)
-        try:
-            x = f.get_slice("hr")[r, :, start:stop].float()  # [C, <=length]
-            c = f.get_slice("lr")[r, k, :, start:stop].float()  # [C, <=length]
-        except SafetensorError as exc:
-            raise ShardError(f"{self.shards[s]}: corrupt latent shard: {exc}") from None
+        x = f.row(hr_key, r)[..., start:stop]  # [C or Q, <=length]
+        c = f.row(lr_key, r)[k, :, start:stop]  # [C or Q, <=length]
+        x, c = (v if v.dtype == torch.int16 else v.float() for v in (x, c))
         if x.shape[-1] < length:
             x = torch.nn.functional.pad(x, (0, length - x.shape[-1]))  # [C, length]
             c = torch.nn.functional.pad(c, (0, length - c.shape[-1]))  # [C, length]
         mask = torch.arange(start, start + length) < valid  # [length]
-        return dict(x=x, c=c, mask=mask, cutoff=float(self._cutoff[s][r, k]))
+        return {"x_codes" if hr_key == "hr_codes" else "x": x, "c_codes" if lr_key == "lr_codes" else "c": c,
+                "mask": mask, "cutoff": float(self._cutoff[s][r, k])}
+
+
+def shard_layout(keys: set[str] | Sequence[str]) -> tuple[str, str] | None:
+    """(HR key, LR key) of a shard holding these tensors: latents (hr, lr) or codes (hr_codes,
+    lr_codes), besides frames and cutoff; None when a part is missing."""
+    keys = set(keys)
+    hr = next((k for k in ("hr", "hr_codes") if k in keys), None)
+    lr = next((k for k in ("lr", "lr_codes") if k in keys), None)
+    return (hr, lr) if hr and lr and {"frames", "cutoff"} <= keys else None
 
 
 def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
