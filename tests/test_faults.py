@@ -185,16 +185,14 @@ def test_disk_full_during_inference_keeps_existing_output(tmp_path, capsys, monk
     sf.write(tmp_path / "b.wav", demo_clip(0.5, 16000, seed=2), 16000)
     old = np.full(100, 0.25, dtype=np.float32)
     sf.write(tmp_path / "a_jat.wav", old, 44100, subtype="FLOAT")
-    real_write = sf.write
 
-    def full_for_a(file, *args, **kwargs):
-        if "a_jat" in Path(file).name:
-            raise OSError(28, "No space left on device")
-        return real_write(file, *args, **kwargs)
+    class FullForA(sf.SoundFile):  # the streaming writer's blocks to a_jat's temporary file hit a full disk
+        def write(self, data):
+            if "a_jat" in Path(self.name).name:
+                raise OSError(28, "No space left on device")
+            return super().write(data)
 
-    import jat.data.audio
-
-    monkeypatch.setattr(jat.data.audio.sf, "write", full_for_a)
+    monkeypatch.setattr(sf, "SoundFile", FullForA)
     rc = infer.main([str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--checkpoint",
                                     str(checkpoint), "--overwrite", "--steps", "2", "--device", "cpu", "-q"])
     err = capsys.readouterr().err
