@@ -82,6 +82,15 @@ class LatentSpace(nn.Module):
         """Normalised latents [B, C, T] -> audio [B, 1, L] (`length` samples when given)."""
         return self.codec.decode(self.norm.denormalize(z, inplace=inplace), length=length)
 
+    @torch.no_grad()
+    def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Quantizer codes [B, Q, T] (a codes cache, jat/data/precompute.py) -> the codec's latents
+        [B, C, T], not normalised; CodecError for a codec without codes."""
+        if not hasattr(self.codec, "from_codes"):
+            raise CodecError(f"the {type(self.codec).__name__} codec has no quantizer codes: these latent "
+                             "shards were made with another codec (codec.name)")
+        return self.codec.from_codes(codes)
+
     def normalize(self, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         return self.norm.normalize(z, inplace)
 

@@ -106,7 +106,9 @@ class DataConfig:
     holes_prob: float = 0.0  # probability of spectral holes (zeroed time-frequency rectangles)
     holes_max: int = 8  # 1 to this many holes when there are any
     versions: int = 4  # degraded LR versions per clip when pre-encoding
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes; one loader serves the whole run
+    pin_memory: bool = True  # page-locked batches for faster copies to a CUDA device (ignored without one)
+    persistent_workers: bool = True  # workers outlive an iteration over the loader (with num_workers > 0)
     strict: bool = False  # fail on the first bad file instead of skipping it
     val_clips: int = 4  # validation clips sampled and scored every val_every steps
     val_cutoff: float = 8000.0  # Hz, cutoff used to degrade validation clips

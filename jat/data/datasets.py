@@ -195,8 +195,9 @@ class AudioSegmentDataset(Dataset):
 
     Bad files are found by a header scan at construction or when read (silent, NaN, ...): they are
     logged, recorded in `skipped` (path -> reason) and another file is drawn; `cfg.strict` raises.
-    `skipped` is per process: files found bad inside DataLoader workers are logged there. With
-    persistent DataLoader workers `set_epoch` does not reach them; use non-persistent workers.
+    `skipped` is per process: files found bad inside DataLoader workers are logged there. `set_epoch`
+    on this object does not reach persistent DataLoader workers' copies; the trainer's loader sends
+    the epoch with every index instead (`jat.train.data.EpochIndexed`).
     """
 
     def __init__(

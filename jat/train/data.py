@@ -12,7 +12,9 @@ examples, or the identity. The trainer itself never looks at the data's format.
 
 Order: `StepBatches` fixes, per epoch, a permutation of the examples cut into global batches, of which
 each process takes its contiguous slice, so a resumed run, or a run over more processes with the same
-global batch, sees the same examples.
+global batch, sees the same examples. One DataLoader serves the whole run (`TrainingData.loader`): its
+batch sampler runs epoch after epoch and hands out (epoch, index) pairs (`EpochIndexed`), so workers
+are started once, may persist and prefetch, and still draw each epoch's data.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jat.config import Config, ConfigError
 from jat.data.datasets import AudioSegmentDataset, LatentShardDataset, collate
 
 NORM_EXAMPLES = 32  # audio training: examples whose HR latents give the normalisation
+PREFETCH = 2  # batches each DataLoader worker keeps ready
 
 
 @dataclass
@@ -61,8 +64,10 @@ class StepBatches:
 
 
 def _latent_batch(latents: LatentSpace, raw: dict[str, Any], device, dtype) -> Batch:
-    """Pre-encoded pairs: normalise."""
-    x, c = raw["x"].to(device, dtype), raw["c"].to(device, dtype)  # [B, C, T]
+    """Pre-encoded pairs: rebuild latents from codes on the device where the shards hold codes
+    (x_codes / c_codes [B, Q, T] int16), then normalise."""
+    x, c = ((latents.from_codes(raw[f"{k}_codes"].to(device)) if f"{k}_codes" in raw else raw[k].to(device))
+            .to(dtype) for k in ("x", "c"))  # [B, C, T]
     return Batch(latents.normalize(x), latents.normalize(c), raw["mask"].to(device))
 
 
@@ -75,28 +80,63 @@ def _audio_batch(latents: LatentSpace, raw: dict[str, Any], device, dtype) -> Ba
     return Batch(latents.normalize(x), latents.normalize(c), mask)
 
 
+class EpochIndexed(Dataset):
+    """`dataset` addressed by (epoch, index) pairs: the epoch travels with each index, so DataLoader
+    workers, persistent or not, draw that epoch's crops and degradations (`set_epoch` on their own
+    copy) and one loader serves every epoch."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def _run_batches(sampler: StepBatches, epoch: int, start: int) -> Iterator[list[tuple[int, int]]]:
+    """(epoch, index) batches from batch `start` of `epoch` on, epoch after epoch, forever."""
+    while True:
+        for batch in sampler.epoch_batches(epoch, start):
+            yield [(epoch, i) for i in batch]
+        epoch, start = epoch + 1, 0
+
+
 @dataclass
 class TrainingData:
-    """A dataset, its latent space, and how its raw batches become `Batch`es."""
+    """A dataset, its latent space, and how its raw batches become `Batch`es; the DataLoader settings
+    (`data.num_workers`, `data.pin_memory`, `data.persistent_workers`)."""
 
     dataset: Dataset
     latents: LatentSpace
     build: Callable[[LatentSpace, dict[str, Any], torch.device, torch.dtype], Batch] = _latent_batch
     num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    prefetch_factor: int = PREFETCH
 
     def to_batch(self, raw: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Batch:
         return self.build(self.latents, raw, device, dtype)
 
-    def batches(self, sampler: StepBatches, micro_start: int) -> Iterator[dict[str, Any]]:
-        """Raw micro-batches for this process from global micro-batch `micro_start` on, forever."""
+    def loader(self, sampler: StepBatches, micro_start: int) -> DataLoader:
+        """One DataLoader for the whole run: raw micro-batches for this process from global micro-batch
+        `micro_start` on, forever. With workers, each keeps `prefetch_factor` batches ready."""
         epoch, start = divmod(micro_start, sampler.per_epoch)
-        while True:
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            loader = DataLoader(self.dataset, batch_sampler=list(sampler.epoch_batches(epoch, start)),
-                                collate_fn=collate, num_workers=self.num_workers)
-            yield from loader
-            epoch, start = epoch + 1, 0
+        workers = self.num_workers > 0
+        return DataLoader(EpochIndexed(self.dataset), batch_sampler=_run_batches(sampler, epoch, start),
+                          collate_fn=collate, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.persistent_workers and workers,
+                          prefetch_factor=self.prefetch_factor if workers else None)
+
+    def batches(self, sampler: StepBatches, micro_start: int) -> Iterator[dict[str, Any]]:
+        """Raw micro-batches for this process from global micro-batch `micro_start` on, forever; closing
+        the generator drops the loader's iterator, which stops its workers."""
+        yield from self.loader(sampler, micro_start)
 
 
 def _audio_and_mask(item: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,4 +168,5 @@ def prepare(cfg: Config, dataset: Dataset | None = None, norm: LatentNorm | None
         latents = LatentSpace.identity(cfg.codec, cfg.model.in_channels).estimate_norm(items, device)
     else:
         latents = LatentSpace.identity(cfg.codec, cfg.model.in_channels)
-    return TrainingData(dataset, latents.to(device), _audio_batch if audio else _latent_batch, d.num_workers)
+    return TrainingData(dataset, latents.to(device), _audio_batch if audio else _latent_batch, d.num_workers,
+                        d.pin_memory, d.persistent_workers)
