@@ -150,3 +150,21 @@ def tiny_trainer(out: Path, batch: int = 2, steps: int = 6, resume: str | None =
     cfg = make_config(str(out), batch, steps, **extra)
     data = RandomLatents() if data is None else data
     return Trainer(cfg, prepare(cfg, data, LatentNorm.identity(C)), resume=resume)
+
+
+def write_clips(folder: Path, specs=((1.2, 8000, 1), (0.7, 22050, 2), (0.4, 48000, 1))) -> list[Path]:
+    """Small clips for pre-encoding tests: (seconds, rate, channels) each, tones plus noise, seeded by
+    their position; returns their paths (clip-0.wav, clip-1.wav, ...)."""
+    import numpy as np
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (seconds, sr, channels) in enumerate(specs):
+        rng = np.random.default_rng(i)
+        t = np.arange(round(seconds * sr)) / sr
+        data = np.stack([0.3 * np.sin(2 * np.pi * 150 * (c + 1 + i) * t) + 0.05 * rng.standard_normal(t.size)
+                         for c in range(channels)], axis=1)  # [L, channels]
+        paths.append(folder / f"clip-{i}.wav")
+        sf.write(paths[-1], data.astype(np.float32), sr)
+    return paths
