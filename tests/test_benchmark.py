@@ -120,12 +120,12 @@ def test_bf16_autocast_is_as_accurate_as_a_plain_autocast_model():
 
 @pytest.mark.slow
 def test_benchmark_script_end_to_end(tmp_path):
-    """scripts/benchmark.py on the tiny config: the training, ablation and inference tables are
-    measured, each side runs with the runtime settings it claims, and the figures are in range."""
+    """scripts/benchmark.py on the tiny config: the training, ablation, inference and streaming memory
+    tables are measured, each side runs with the runtime settings it claims, and the figures are in range."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--configs", "tiny", "--batches", "2",
            "--dtypes", "bf16", "--rounds", "1", "--repeats", "1", "--seconds", "1", "--infer-seconds", "1",
-           "--infer-steps", "2", "--no-dac", "--no-finetune", "--json", str(out)]
+           "--infer-steps", "2", "--no-dac", "--no-finetune", "--memory-minutes", "0.05", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
@@ -137,6 +137,7 @@ def test_benchmark_script_end_to_end(tmp_path):
     assert r[f"{k}.ours_untuned.cpu_tuned"] is False and r[f"{k}.ref_tuned.cpu_tuned"] is True
     assert 0 < r["infer.tiny.bf16.s2.mfu"] < 1 and r["infer.tiny.bf16.s2.nfe"] == 3
     assert "whole step" in proc.stdout and "runtime ablation" in proc.stdout
+    assert r["memory.stream.m0.05.peak_mb"] > 100 and r["memory.stream.max_over_min"] == 1.0  # one row
 
 
 def test_best_of_rounds_alternates_cases_and_keeps_each_ones_fastest(monkeypatch):
@@ -167,3 +168,21 @@ def test_stream_stays_bf16_and_adaln_runs_in_its_weights_dtype_under_autocast():
         out = model(x, t, c)
     assert seen == {"ada_out": torch.float32, "attn_in": torch.bfloat16, "mlp_in": torch.bfloat16}
     assert out.dtype == torch.bfloat16
+
+
+def test_memory_section_measures_each_length_in_its_own_process(capsys):
+    """The benchmark's streaming memory rows: one per length, each a child process's own peak (the whole
+    process: Python, torch and the model, far above 100 MB, below this machine's memory), the streaming
+    timed, and the flatness ratio written from the rows' own peaks."""
+    from jat.cli.benchmark import memory_section
+
+    out: dict = {}
+    memory_section([0.05, 0.1], out)
+    peaks = [out[f"memory.stream.m{m}.peak_mb"] for m in ("0.05", "0.1")]
+    assert all(100 < p < 64 * 1024 for p in peaks)
+    assert all(out[f"memory.stream.m{m}.seconds"] > 0 for m in ("0.05", "0.1"))
+    assert out["memory.stream.m0.1.rtf"] == pytest.approx(out["memory.stream.m0.1.seconds"] / 6.0)
+    assert out["memory.stream.max_over_min"] == pytest.approx(max(peaks) / min(peaks))
+    printed = capsys.readouterr().out
+    assert "streaming inference memory" in printed and "max / min peak" in printed
+    assert len(out) == 2 * 3 + 1

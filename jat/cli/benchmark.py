@@ -1,11 +1,13 @@
 """Benchmark training and inference against this machine's yardsticks and a plain reference.
 
-    python scripts/benchmark.py [--configs small v2] [--batches 2 8] [--json OUT]
+    python scripts/benchmark.py [--configs small v2] [--batches 2 8] [--memory-minutes 1 10 60] [--json OUT]
 
 Prints a table and writes JSON (flat keys such as `train.v2.bf16.b8.mfu`). Everything is measured
 in one run: MFU is achieved FLOP/s over the matmul peak measured at the start, the optimizer step
 is compared with its bandwidth bound (bytes moved / measured copy bandwidth), and ours is compared
-with a plain reference implementation (explicit attention with repeated K/V, default AdamW).
+with a plain reference implementation (explicit attention with repeated K/V, default AdamW). The last
+section streams 1, 10 and 60 minutes of stereo 48 kHz audio (1 step) and prints each run's peak memory
+(about 4 minutes; `--no-memory` skips it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jat.evaluation.benchmark import (
     measure_inference,
     named_config,
 )
+from jat.evaluation.memory import streaming_peak_memory
 
 
 def codec_decode_seconds(codec_name: str, seconds: float) -> float:
@@ -72,6 +75,22 @@ def best_of_rounds(cases: dict[str, tuple], rounds: int,
     return best
 
 
+def memory_section(minutes: list[float], out: dict) -> None:
+    """Peak memory of streaming inference (`streaming_peak_memory`: stereo 48 kHz, 1 step, a fresh
+    process per length), printed as a table and added to `out` as `memory.stream.m<minutes>.*` rows
+    and `memory.stream.max_over_min`, the flatness ratio of the peaks."""
+    rows = streaming_peak_memory(minutes, channels=2, sr=48000, steps=1)
+    print("\nstreaming inference memory, stereo 48 kHz, 1 step (tiny model, MDCT codec), one process each")
+    print(f"{'minutes':>8}{'peak MB':>9}{'seconds':>9}{'RTF':>7}")
+    for r in rows:
+        key = f"memory.stream.m{r['minutes']:g}"
+        out.update({f"{key}.{k}": r[k] for k in ("peak_mb", "seconds", "rtf")})
+        print(f"{r['minutes']:>8g}{r['peak_mb']:>9.0f}{r['seconds']:>9.1f}{r['rtf']:>7.3f}")
+    peaks = [r["peak_mb"] for r in rows]
+    out["memory.stream.max_over_min"] = max(peaks) / min(peaks)
+    print(f"max / min peak: {out['memory.stream.max_over_min']:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["small", "v2"])
@@ -90,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dac", action="store_true", help="skip timing the DAC decoder")
     ap.add_argument("--no-finetune", action="store_true", help="skip the full/LoRA/QLoRA comparison")
     ap.add_argument("--finetune-config", default="v2", help="model preset for the fine-tuning comparison")
+    ap.add_argument("--no-memory", action="store_true", help="skip the streaming memory section")
+    ap.add_argument("--memory-minutes", nargs="+", type=float, default=[1, 10, 60],
+                    help="input lengths for the streaming memory section")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -176,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             r = run_case("finetune", mode, args.finetune_config)
             out.update({f"finetune.{args.finetune_config}.{mode}.{k}": v for k, v in r.items()})
             print(f"{mode:<7}{r['trainable']:>12,}{r['frozen_mb']:>11.0f}{r['step_s']:>8.2f}{r['peak_mem_mb']:>9.0f}")
+
+    if not args.no_memory:
+        memory_section(args.memory_minutes, out)
 
     if args.json:
         with open(args.json, "w") as f:
