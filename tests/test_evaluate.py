@@ -218,3 +218,26 @@ def test_max_files_spreads_evenly_through_each_entry():
     picked = evaluate_script.spread(files, 4)
     assert picked == ["ca/0.wav", "de/0.wav", "en/0.wav", "fr/0.wav"]  # one per folder, not the first 4
     assert evaluate_script.spread(files, 50) == files and evaluate_script.spread(files, None) == files
+
+
+def test_script_with_a_codec_degradation_records_it_and_codes_the_input(tmp_path, data, checkpoint):
+    """--degradation mp3-64 end to end: the protocol names it, each row records the low-pass followed by
+    the codec, and the LR really went through LAME: the sinc baseline (the LR itself) differs from the
+    plain low-pass's inside the band. At a 12 kHz cutoff LAME's own 16.7 kHz low-pass is above the band,
+    so only its quantisation noise can make that difference."""
+    out = tmp_path / "mp3.json"
+    args = ["scripts/evaluate.py", "--checkpoint", str(checkpoint), "--data", str(data / "a.wav"),
+            "--cutoffs", "12000", "--steps", "1", "--degradation", "mp3-64", "--json", str(out),
+            "--device", "cpu"]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["protocol"]["degradation"] == "mp3-64"
+    (row,) = result["rows"]
+    assert Degradation.from_record(row["degradation"]) == Degradation(12000.0, *EVAL_FILTER, codec="mp3-64")
+    up = Upsampler.from_checkpoint(checkpoint, device="cpu")
+    (plain,) = evaluate(up, [data / "a.wav"], [12000.0], steps=1)["rows"]
+    assert plain["degradation"] == [12000.0, *EVAL_FILTER]
+    # measured: LSD-LF of the sinc input 0.71 dB plain (the filter's roll-off below the cutoff), 1.07 dB
+    # through MP3 64 kbps; half that difference is the margin
+    assert row["lsd_lf_sinc"] > plain["lsd_lf_sinc"] + 0.18

@@ -57,3 +57,22 @@ def test_train_script_rejects_bad_config_before_work(tmp_path):
     assert "tiny.yaml" in proc.stderr
     proc = run("scripts/train.py", "--config", "tiny.yaml", f"data.train={tmp_path}/missing", check=False)
     assert proc.returncode == 2 and "missing" in proc.stderr
+
+
+@pytest.mark.parametrize("rate,in_sr,expect_sr", [("48000", 22050, 48000), ("input", 96000, 96000),
+                                                  ("input", 22050, 44100)])
+def test_infer_script_writes_the_output_rate_and_exact_length(tmp_path, rate, in_sr, expect_sr):
+    """scripts/infer.py --output-rate on a tiny checkpoint: the written file is at the asked rate (for
+    `input`: the input's where it is above 44.1 kHz, else 44.1 kHz) with exactly ceil(L * R / sr)
+    samples, the input's duration, for an input length that is no whole number of output samples."""
+    from helpers import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    n = round(0.7 * in_sr) + 3
+    x = demo_clip(1.0, in_sr, seed=4)[:n]
+    sf.write(tmp_path / "in.wav", np.stack([x, 0.5 * x], 1), in_sr)
+    run("scripts/infer.py", str(tmp_path / "in.wav"), "--checkpoint", str(ckpt), "--output-dir",
+        str(tmp_path / "out"), "--steps", "1", "--output-rate", rate, "--device", "cpu", "-q")
+    info = sf.info(str(tmp_path / "out" / "in_jat.wav"))
+    assert (info.samplerate, info.channels) == (expect_sr, 2)
+    assert info.frames == -(-n * expect_sr // in_sr)
