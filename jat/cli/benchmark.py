@@ -31,7 +31,6 @@ from jat.evaluation.benchmark import (
     measure_inference,
     named_config,
 )
-from jat.evaluation.memory import streaming_peak_memory
 
 
 def codec_decode_seconds(codec_name: str, seconds: float) -> float:
@@ -75,11 +74,24 @@ def best_of_rounds(cases: dict[str, tuple], rounds: int,
     return best
 
 
+MEMORY_RUN = ("import json, sys; from jat.evaluation.memory import streaming_peak_memory; "
+              "print(json.dumps(streaming_peak_memory([float(m) for m in sys.argv[1:]])))")
+
+
 def memory_section(minutes: list[float], out: dict) -> None:
     """Peak memory of streaming inference (`streaming_peak_memory`: stereo 48 kHz, 1 step, a fresh
     process per length), printed as a table and added to `out` as `memory.stream.m<minutes>.*` rows
-    and `memory.stream.max_over_min`, the flatness ratio of the peaks."""
-    rows = streaming_peak_memory(minutes, channels=2, sr=48000, steps=1)
+    and `memory.stream.max_over_min`, the flatness ratio of the peaks.
+
+    The measuring processes are started from a small process of their own (about 30 MB), not from this
+    one: Linux carries the resident size of the process that starts a child into the child's ru_maxrss
+    (recorded at exec), and this process holds the yardsticks' gigabyte of buffers by then; started from
+    here, every length read as this process's 1630 MB."""
+    proc = subprocess.run([sys.executable, "-c", MEMORY_RUN, *map(str, minutes)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"streaming memory measurement failed:\n{proc.stderr[-2000:]}")
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
     print("\nstreaming inference memory, stereo 48 kHz, 1 step (tiny model, MDCT codec), one process each")
     print(f"{'minutes':>8}{'peak MB':>9}{'seconds':>9}{'RTF':>7}")
     for r in rows:
