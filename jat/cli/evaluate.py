@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: degrade each HR file at each cutoff (recorded protocol), upsample, score.
 
     python scripts/evaluate.py --checkpoint CKPT --data DIR [--cutoffs 4000 8000 12000] [--steps N]
-        [--max-files N] [--max-seconds S] [--degradation lowpass|mp3-64|vorbis-q2|noise-30|holes|...]
+        [--max-files N] [--max-seconds S] [--degradation lowpass|mp3-64|vorbis-q2|opus-32|noise-30|holes|...]
         [--json OUT]
     python scripts/evaluate.py --checkpoint CKPT --data speech=heldout-speech.txt music=heldout-music.txt
 

@@ -25,8 +25,8 @@ which draws nothing more from the generator, so existing configs and shards mean
 3. Added noise at an in-band SNR drawn uniformly in [noise_snr_min, noise_snr_max] dB: white noise from a
    recorded seed, put through the same band limit (stages 1-2), scaled so that the band-limited
    signal's power over the noise's is the SNR (per row; a silent row stays silent).
-4. A lossy codec round trip (`jat.data.lossy`: MP3 at a constant bit rate or Ogg Vorbis, encoded in memory
-   and decoded back, re-aligned to the input sample-exactly), drawn uniformly from `codecs`.
+4. A lossy codec round trip (`jat.data.lossy`: MP3 at a constant bit rate, Ogg Vorbis or Opus, encoded
+   in memory and decoded back, re-aligned to the input), drawn uniformly from `codecs`.
 5. Spectral holes: 1 to holes_max time-frequency rectangles zeroed in the STFT (Hann, HOLE_FFT points,
    hop HOLE_FFT / 4) and resynthesised, as low-bit-rate codecs drop whole bands for a while. Each hole
    lasts HOLE_SECONDS (uniform), spans a band whose lower edge is uniform in [HOLE_BAND[0], HOLE_BAND[1]) x
@@ -311,7 +311,7 @@ def simulate_lowres(
 
 def eval_degradation(spec: str, cutoff: float, seconds: float, seed: int = 0) -> Degradation:
     """The evaluation protocol's degradation `spec` at `cutoff`: 'lowpass' (EVAL_FILTER alone), or stages
-    joined by '+': a codec name ('mp3-64', 'vorbis-q2'), 'noise-<snr dB>' ('noise-30'), 'holes'
+    joined by '+': a codec name ('mp3-64', 'vorbis-q2', 'opus-32'), 'noise-<snr dB>' ('noise-30'), 'holes'
     (EVAL_HOLES holes drawn from `seed` for a signal of `seconds`), e.g. 'mp3-128+noise-40'."""
     deg = Degradation(float(cutoff), *EVAL_FILTER)
     extra: dict = {}
@@ -330,7 +330,7 @@ def eval_degradation(spec: str, cutoff: float, seconds: float, seed: int = 0) ->
                 extra["codec"] = part if parse_codec(part) else None
             except ValueError as exc:
                 raise ValueError(f"unknown degradation '{part}' in '{spec}': use lowpass, or '+'-joined "
-                                 f"mp3-<kbps>, vorbis-q<q>, noise-<dB>, holes ({exc})") from None
+                                 f"mp3-<kbps>, vorbis-q<q>, opus-<kbps>, noise-<dB>, holes ({exc})") from None
     return dataclasses.replace(deg, **extra)
 
 
