@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DDP_ENV, write_clips
+from helpers import DDP_ENV, make_config, write_clips
 
 import jat.data.datasets as datasets
 import jat.data.precompute as pre
@@ -22,7 +22,7 @@ from jat.codecs.latent import LatentSpace
 from jat.config import DataConfig
 from jat.data.datasets import LatentShardDataset
 from jat.data.shards import ShardError, ShardSource
-from jat.train.data import StepBatches, TrainingData
+from jat.train.data import StepBatches, TrainingData, prepare
 
 CFG = DataConfig(segment_seconds=0.5)
 
@@ -147,6 +147,14 @@ def test_shards_stream_from_a_url_and_a_tar(reference, tmp_path: Path):
         assert ds.meta == json.loads((one / "meta.json").read_text())
     with pytest.raises(ShardError, match="not found"):
         LatentShardDataset(f"file://{tmp_path}/missing")
+    # training reads the statistics from wherever the shards are
+    want_norm = LatentNorm.load(one / "stats.safetensors")
+    for root in (f"file://{one}", f"file://{archive}"):
+        norm = ShardSource(root).latent_norm()
+        assert torch.equal(norm.mean, want_norm.mean) and torch.equal(norm.std, want_norm.std)
+    cfg = make_config(str(tmp_path / "run"), 2, 1, **{"data.latents": str(archive)})
+    data = prepare(cfg)
+    assert len(data.dataset) == 8 and torch.equal(data.latents.norm.mean, want_norm.mean)
 
 
 def test_one_loader_with_persistent_workers_equals_no_workers(reference):

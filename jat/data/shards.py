@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import struct
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from jat.codecs.norm import LatentNorm
 
 INDEX = "index.json"
 INDEX_FORMAT = "jat-index-1"
@@ -170,19 +173,34 @@ class ShardSource:
         fs, path = self._filesystem()
         return sorted(Path(p).name for p in fs.glob(f"{path.rstrip('/')}/{pattern}"))
 
-    def read_text(self, name: str) -> str | None:
-        """A small file of the folder (index.json, meta.json) as text; None when absent."""
+    def read_bytes(self, name: str) -> bytes | None:
+        """A small file of the folder (index.json, meta.json, stats) whole; None when absent."""
         if self.local:
             p = Path(self.root) / name
-            return p.read_text() if p.is_file() else None
+            return p.read_bytes() if p.is_file() else None
         fs, path = self._filesystem()
         if self.tar:
             member = self._tar_members().get(name)
             if member is None:
                 return None
-            return fs.cat_file(path, start=member[0], end=member[0] + member[1]).decode()
+            return fs.cat_file(path, start=member[0], end=member[0] + member[1])
         target = f"{path.rstrip('/')}/{name}"
-        return fs.cat_file(target).decode() if fs.isfile(target) else None
+        return fs.cat_file(target) if fs.isfile(target) else None
+
+    def read_text(self, name: str) -> str | None:
+        data = self.read_bytes(name)
+        return None if data is None else data.decode()
+
+    def latent_norm(self, name: str = "stats.safetensors") -> LatentNorm:
+        """The folder's latent statistics (`LatentNorm.load` of `name`)."""
+        if self.local:
+            return LatentNorm.load(Path(self.root) / name)
+        data = self.read_bytes(name)
+        if data is None:
+            raise ShardError(f"{self.where(name)}: no latent statistics; rerun the pre-encoding to merge")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(data)
+            return LatentNorm.load(Path(tmp) / name)
 
     def where(self, name: str) -> str:
         return f"{self.root}:{name}" if self.tar else f"{self.root.rstrip('/')}/{name}"

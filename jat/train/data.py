@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from jat.codecs import LatentNorm, latent_frames
 from jat.codecs.latent import LatentSpace
 from jat.config import Config, ConfigError
 from jat.data.datasets import AudioSegmentDataset, LatentShardDataset, collate
+from jat.data.shards import ShardSource
 
 NORM_EXAMPLES = 32  # audio training: examples whose HR latents give the normalisation
 PREFETCH = 2  # batches each DataLoader worker keeps ready
@@ -162,7 +162,8 @@ def prepare(cfg: Config, dataset: Dataset | None = None, norm: LatentNorm | None
     elif cfg.train.init_from:  # a fine-tune keeps its base's latent space
         latents = LatentSpace(cfg.codec, load.latent_norm(cfg.train.init_from, cfg.model.in_channels))
     elif d.latents:
-        latents = LatentSpace(cfg.codec, LatentNorm.load(Path(d.latents) / "stats.safetensors"))
+        source = dataset.source if isinstance(dataset, LatentShardDataset) else ShardSource(d.latents)
+        latents = LatentSpace(cfg.codec, source.latent_norm())  # a local folder, a URL or a tar
     elif audio:
         items = (_audio_and_mask(dataset[i]) for i in range(min(NORM_EXAMPLES, len(dataset))))
         latents = LatentSpace.identity(cfg.codec, cfg.model.in_channels).estimate_norm(items, device)
