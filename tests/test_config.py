@@ -109,6 +109,10 @@ def test_missing_paths_fail_before_work_naming_key_and_file(tmp_path):
         cfg.check_paths()
     with pytest.raises(ConfigError, match=r"data.latents or data.train"):
         Config.from_yaml(CONFIGS / "tiny.yaml").check_paths()
+    # an fsspec URL for the latent shards is the reader's to open (jat/data/shards.py); a local one is checked
+    Config.from_yaml(CONFIGS / "tiny.yaml", ["data.latents=s3://bucket/latents"]).check_paths()
+    with pytest.raises(ConfigError, match=r"data.latents: path not found"):
+        Config.from_yaml(CONFIGS / "tiny.yaml", [f"data.latents={tmp_path}/nope"]).check_paths()
 
 
 # random config trees: either a Config or the project's ConfigError, never another exception

@@ -207,7 +207,8 @@ class Config:
             keys.insert(0, ("data.latents", self.data.latents) if self.data.latents
                         else ("data.train", self.data.train))
         for key, value in keys:
-            if value and not Path(value).exists():
+            remote = key == "data.latents" and "://" in str(value)  # an fsspec URL (jat/data/shards.py)
+            if value and not remote and not Path(value).exists():
                 raise ConfigError(f"{source}: {key}: path not found: {_cut(value, 300)}")
 
     @classmethod
