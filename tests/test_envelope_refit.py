@@ -104,3 +104,24 @@ def test_fit_envelope_script_and_refusals(tmp_path):
                     state={})
     with pytest.raises(ValueError, match="no envelope head"):
         fit_envelope(ckpt.finish_save(tmp), shards, tmp_path / "y", steps=1)
+
+
+def test_fit_envelope_with_a_new_head_shape(tmp_path):
+    """--hidden / --dilations: a new head of that shape is fitted (the same log-target optimum), the
+    checkpoint's config records it, it loads through the normal loader, and the DiT is copied."""
+    base, _ = write_checkpoint(tmp_path / "base")
+    shards = write_shard(tmp_path / "latents")
+    out = fit_envelope(base, shards, tmp_path / "refit", target="log", steps=800, batch_size=8, lr=1e-2,
+                       hidden=32, dilations=[1, 2, 4])
+    sigma, cfg = head_log_sigma(out)
+    assert (cfg.model.envelope_hidden, cfg.model.envelope_dilations) == (32, [1, 2, 4])
+    model, _, _ = load_model(out)
+    convs = [m for m in model.envelope.net if isinstance(m, torch.nn.Conv1d)]
+    assert [(m.out_channels, m.dilation[0]) for m in convs] == [(32, 1), (32, 2), (32, 4), (4, 1)]
+    want = 0.5 * (math.log(LOUD ** 2 + 1e-4) + math.log(QUIET ** 2 + 1e-4)) / 2
+    assert float((sigma[2:] - want).abs().max()) < 0.05
+    fresh, _, _ = load_model(base)
+    dit = {k: v for k, v in fresh.state_dict().items() if not k.startswith("envelope.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dit.items())
+    with pytest.raises(ValueError, match="envelope_hidden"):
+        fit_envelope(base, shards, tmp_path / "bad", steps=1, hidden=0)

@@ -1,7 +1,8 @@
 """Re-fit a checkpoint's envelope head alone with another envelope target (jat/train/envelope.py).
 
     jat-fit-envelope --checkpoint CKPT --latents data/corpus/latents-mdct --out DIR \
-        [--target log] [--steps 1500] [--batch-size 16] [--lr 1e-3] [--seed 0]
+        [--target log] [--steps 1500] [--batch-size 16] [--lr 1e-3] [--seed 0] \
+        [--hidden 128] [--dilations 1 2 4 8]
 
 The DiT is left as it is; DIR/weights.safetensors loads like any trained checkpoint, with
 flow.envelope_target set to --target.
@@ -27,10 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="a new head of this width (model.envelope_hidden) instead of the trained one")
+    ap.add_argument("--dilations", type=int, nargs="+", default=None,
+                    help="a new head with these temporal dilations (model.envelope_dilations)")
     args = ap.parse_args(argv)
     try:
         out = fit_envelope(args.checkpoint, args.latents, args.out, target=args.target, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                           hidden=args.hidden, dilations=args.dilations,
                            progress=lambda s, loss: print(f"step {s}: envelope loss {loss:.4f}", flush=True))
     except (CheckpointError, ShardError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

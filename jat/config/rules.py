@@ -20,7 +20,8 @@ _RULES = {
             "data.order_min data.order_max data.versions train.max_steps train.batch_size train.grad_accum "
             "train.log_every train.val_every train.val_steps train.ckpt_every train.keep_last "
             "train.max_bad_steps lora.rank lora.temporal_dim lora.temporal_kernel "
-            "data.val_clips data.holes_max",  # data.val: null turns validation off, not 0 clips
+            "data.val_clips "  # data.val: null turns validation off, not 0 clips
+            "data.holes_max model.envelope_hidden model.envelope_dilations",
     ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps model.envelope_bands flow.envelope_loss",
     "> 0": "model.mlp_ratio model.rope_theta flow.u_shape_a flow.logit_normal_std codec.chunk_seconds "
            "data.segment_seconds optim.lr optim.eps optim.grad_clip lora.alpha flow.band_threshold",

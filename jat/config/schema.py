@@ -35,6 +35,10 @@ class ModelConfig:
     max_tokens: int = 2048  # length of the learned position table (pos_embed=learned only)
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
     envelope_bands: int = 0  # extra output channels: a per-frame log-envelope (flow.precondition=band)
+    envelope_hidden: int = 128  # width of the envelope head's temporal convolutions
+    # dilation of each kernel-5 temporal convolution of the envelope head; its receptive field is
+    # 1 + 4 * sum(dilations) latent frames (11.6 ms each): [1, 1] sees 9 frames, [1, 2, 4, 8] 61 (0.7 s)
+    envelope_dilations: list[int] = field(default_factory=lambda: [1, 1])
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

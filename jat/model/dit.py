@@ -17,6 +17,7 @@ picks fast CPU and precision forms of the same functions (one switch: `kernels.u
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,18 +165,24 @@ class EnvelopeHead(nn.Module):
     a head on the DiT's output learned t-dependent envelopes that only the well-sampled ends of the
     U-shaped t distribution pinned down (mid-t samples then came out 30 dB too loud). Input: the
     condition's log-RMS per frame on `IN_BANDS` equal bands of channels [B, IN_BANDS, T], plus its
-    mean over the segment; two temporal convolutions; a zero-initialised output (e = 0 at start).
+    mean over the segment; temporal convolutions of kernel 5 with the given dilations (GELU after
+    each); a zero-initialised 1x1 output (e = 0 at start).
     """
 
     IN_BANDS = 64
+    KERNEL = 5
 
-    def __init__(self, channels: int, bands: int, hidden: int = 128, kernel: int = 5):
+    def __init__(self, channels: int, bands: int, hidden: int = 128, dilations: Sequence[int] = (1, 1)):
         super().__init__()
         self.channels, self.bands = channels, bands
-        self.net = nn.Sequential(
-            nn.Conv1d(2 * self.IN_BANDS, hidden, kernel, padding=kernel // 2), nn.GELU(),
-            nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2), nn.GELU(),
-            nn.Conv1d(hidden, bands, 1))
+        layers: list[nn.Module] = []
+        width = 2 * self.IN_BANDS
+        for d in dilations:
+            layers += [nn.Conv1d(width, hidden, self.KERNEL, padding=d * (self.KERNEL // 2), dilation=d),
+                       nn.GELU()]
+            width = hidden
+        layers.append(nn.Conv1d(width, bands, 1))
+        self.net = nn.Sequential(*layers)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -223,7 +230,8 @@ class JaT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, c * p)
         # envelope_bands > 0: a per-frame log-envelope for flow.precondition=band, from c alone
-        self.envelope = EnvelopeHead(c, cfg.envelope_bands) if cfg.envelope_bands else None
+        self.envelope = (EnvelopeHead(c, cfg.envelope_bands, cfg.envelope_hidden, cfg.envelope_dilations)
+                         if cfg.envelope_bands else None)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

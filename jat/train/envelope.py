@@ -9,8 +9,9 @@ the log target beat 300 steps of fine-tuning the whole network on it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -19,16 +20,23 @@ from jat.atomic import write_atomic
 from jat.checkpoint import load
 from jat.checkpoint import store as ckpt
 from jat.codecs import latent_frames
+from jat.config import validate
 from jat.data.datasets import LatentShardDataset
+from jat.model.dit import EnvelopeHead
 from jat.model.flow import FlowMatching
 
 
 def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *, target: str = "log",
                  steps: int = 1500, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+                 hidden: int | None = None, dilations: Sequence[int] | None = None,
                  progress: Callable[[int, float], None] | None = None) -> Path:
     """Fit `checkpoint`'s envelope head on the pre-encoded pairs in `latents` with envelope target
     `target` ('power' or 'log'); write `out/weights.safetensors` (EMA and raw weights both carry the new
     head; everything else, the latent statistics included, is copied) with flow.envelope_target set.
+
+    `hidden` / `dilations` (model.envelope_hidden / model.envelope_dilations): when either differs from
+    the checkpoint's, the head is replaced by a new one of that shape (initialised from `seed`, output
+    zero) instead of continuing from the trained head; the written config records the new shape.
 
     Adam at `lr`, cosine-decayed to lr / 10 over `steps` batches of `batch_size` random pairs (LR
     version and crop drawn per (seed, step, index)). progress(step, loss) every 100 steps.
@@ -47,6 +55,14 @@ def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *
     space = load.latent_space(base, cfg)
     cfg.flow.envelope_target = target
     flow = FlowMatching(cfg.flow)
+    shape = dict(envelope_hidden=cfg.model.envelope_hidden if hidden is None else int(hidden),
+                 envelope_dilations=list(cfg.model.envelope_dilations if dilations is None else dilations))
+    if shape != dict(envelope_hidden=cfg.model.envelope_hidden, envelope_dilations=cfg.model.envelope_dilations):
+        cfg.model = dataclasses.replace(cfg.model, **shape)
+        validate(cfg, f"{checkpoint}: envelope head")
+        torch.manual_seed(seed)
+        model.envelope = EnvelopeHead(model.envelope.channels, cfg.model.envelope_bands,
+                                      cfg.model.envelope_hidden, cfg.model.envelope_dilations)
     head = model.envelope.train()
     data = LatentShardDataset(latents, segment_frames=latent_frames(cfg.data.segment_seconds), seed=seed)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
@@ -69,12 +85,15 @@ def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *
         if progress and (step % 100 == 0 or step == steps):
             progress(step, float(loss.detach()))
     new = {f"envelope.{k}": v.detach().float().contiguous().clone() for k, v in head.state_dict().items()}
-    ema = {**ckpt.load_weights(base, "ema"), **new}
-    raw = {**ckpt.load_weights(base, "model"), **{k: v.clone() for k, v in new.items()}}
+    def keep(weights: dict) -> dict:  # the DiT's weights; the envelope head's are all new
+        return {k: v for k, v in weights.items() if not k.startswith("envelope.")}
+
+    ema = {**keep(ckpt.load_weights(base, "ema")), **new}
+    raw = {**keep(ckpt.load_weights(base, "model")), **{k: v.clone() for k, v in new.items()}}
     norm = ckpt.load_weights(base, "norm")
     step0 = int(ckpt.read_metadata(base).get("step", 0))
     meta = {"envelope_refit": json.dumps({"base": str(base), "target": target, "steps": steps,
-                                          "batch_size": batch_size, "lr": lr, "seed": seed,
+                                          "batch_size": batch_size, "lr": lr, "seed": seed, **shape,
                                           "latents": str(latents)})}
     out = Path(out)
     write_atomic(out / "weights.safetensors",
