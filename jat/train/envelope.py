@@ -55,9 +55,10 @@ def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *
     space = load.latent_space(base, cfg)
     cfg.flow.envelope_target = target
     flow = FlowMatching(cfg.flow)
-    shape = dict(envelope_hidden=cfg.model.envelope_hidden if hidden is None else int(hidden),
-                 envelope_dilations=list(cfg.model.envelope_dilations if dilations is None else dilations))
-    if shape != dict(envelope_hidden=cfg.model.envelope_hidden, envelope_dilations=cfg.model.envelope_dilations):
+    trained = dict(envelope_hidden=cfg.model.envelope_hidden, envelope_dilations=cfg.model.envelope_dilations)
+    shape = dict(envelope_hidden=trained["envelope_hidden"] if hidden is None else int(hidden),
+                 envelope_dilations=list(trained["envelope_dilations"] if dilations is None else dilations))
+    if shape != trained:
         cfg.model = dataclasses.replace(cfg.model, **shape)
         validate(cfg, f"{checkpoint}: envelope head")
         torch.manual_seed(seed)
