@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import ROOT, make_checkpoint
+from helpers import CHILD_ENV, DDP_ENV, ROOT, make_checkpoint
 
 from jat.cli import evaluate as evaluate_script
 from jat.codecs.base import SAMPLE_RATE
@@ -241,3 +241,46 @@ def test_script_with_a_codec_degradation_records_it_and_codes_the_input(tmp_path
     # measured: LSD-LF of the sinc input 0.71 dB plain (the filter's roll-off below the cutoff), 1.07 dB
     # through MP3 64 kbps; half that difference is the margin
     assert row["lsd_lf_sinc"] > plain["lsd_lf_sinc"] + 0.18
+
+
+# --- evaluation spread over processes ------------------------------------------------------------------
+
+
+def without_timing(result: dict) -> dict:
+    """`result` without rtf, the one figure that is a measured time (it differs from run to run)."""
+    rows = [{k: v for k, v in row.items() if k != "rtf"} for row in result["rows"]]
+    agg = {name: {k: v for k, v in group.items() if k != "rtf"}
+           for name, group in result["aggregate"].items()}
+    return {**result, "rows": rows, "aggregate": agg}
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_process_writes(tmp_path, data, checkpoint):
+    """`accelerate launch --num_processes 2` (CPU, gloo): process 0 scores a.wav and broken.wav, process 1
+    b.flac; the main process writes rows, skipped files and aggregates equal to one process's, field by
+    field and exactly (rtf aside). Exact, not within a bound: each file is upsampled alone (windows are
+    batched within a clip, never across files) by the same weights at one thread, so every float comes
+    from the same operations in the same order. noise-30 draws file k's noise from seed + k: had it
+    come from a process's own count, b.flac (file 1, process 1's first) would differ."""
+    args = ["--checkpoint", str(checkpoint), "--data", str(data), "--cutoffs", "4000", "8000", "--steps", "1",
+            "--max-seconds", "0.5", "--degradation", "noise-30", "--seed", "3"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    single = [sys.executable, "scripts/evaluate.py", *args, "--json", str(one), "--device", "cpu"]
+    proc = subprocess.run(single, cwd=ROOT, capture_output=True, text=True, timeout=600, env=CHILD_ENV)
+    assert proc.returncode == 0, proc.stderr
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29541", "scripts/evaluate.py", *args, "--json", str(two)]
+    proc = subprocess.run(launch, cwd=ROOT, capture_output=True, text=True, timeout=600, env=DDP_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("| group |") == 1  # the main process alone prints the table
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [(r["file"], r["cutoff"]) for r in b["rows"]] == [(str(data / f), c) for f in ("a.wav", "b.flac")
+                                                            for c in (4000.0, 8000.0)]
+    assert list(b["skipped"]) == [str(data / "broken.wav")]
+    a, b = without_timing(a), without_timing(b)
+    for ra, rb in zip(a["rows"], b["rows"], strict=True):
+        for key in ra:
+            assert rb[key] == ra[key], (ra["file"], ra["cutoff"], key)
+    assert b == a
+    assert two.with_suffix(".md").read_text() == one.with_suffix(".md").read_text()  # the table has no rtf

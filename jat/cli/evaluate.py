@@ -10,6 +10,11 @@ aggregated per name. Reports LSD-HF, LSD-LF (with and without low-frequency repl
 per-octave energy error and SI-SDR per file and in aggregate, beside the same metrics for the
 sinc-resampled input and for the noise-fill baseline (jat/evaluation/baselines.py); prints a markdown table
 and writes JSON and the table (OUT with .md).
+
+    accelerate launch --num_processes N scripts/evaluate.py --checkpoint CKPT --data DIR --json OUT
+
+spreads the files over N processes (process r scores files r, r + N, ...; with --device auto each on its
+own device); the main process prints the table and writes the same JSON as one process would.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from jat.checkpoint.store import CheckpointError, resolve_checkpoint
 from jat.config import ConfigError
@@ -79,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write results here (and a markdown table beside it)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    # one process, or one of `accelerate launch`'s; like Accelerator, ACCELERATE_USE_CPU (accelerate launch
+    # --cpu, or the variable) makes the launched processes a gloo group of CPU processes
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or args.device == "cpu")
+    device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     try:
-        up = Upsampler.from_checkpoint(resolve_checkpoint(args.checkpoint), device=args.device,
+        up = Upsampler.from_checkpoint(resolve_checkpoint(args.checkpoint), device=device,
                                        adapter=args.adapter)
         files, categories = data_sets(args.data, args.max_files)
         eval_degradation(args.degradation, 8000.0, 1.0)  # a bad spec is a usage error
@@ -89,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = evaluate(up, files, args.cutoffs, steps=args.steps, seed=args.seed, max_seconds=args.max_seconds,
                       categories=categories, degradation=args.degradation, progress=print)
+    code = 1 if result["skipped"] and not result["rows"] else 0
+    if not state.is_main_process:
+        return code
     table = markdown_table(result)
     print()
     print(table)
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1) + "\n")
         out.with_suffix(".md").write_text(table + "\n")
         print(f"wrote {out} and {out.with_suffix('.md')}")
-    return 1 if result["skipped"] and not result["rows"] else 0
+    return code
 
 
 if __name__ == "__main__":

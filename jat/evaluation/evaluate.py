@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from jat.codecs.base import SAMPLE_RATE
 from jat.data.audio import AudioError, load_audio
@@ -90,39 +92,57 @@ def evaluate(up: Upsampler, files: Sequence[str | Path], cutoffs: Sequence[float
     'lowpass' alone, or e.g. 'mp3-64', 'vorbis-q2', 'noise-30', 'holes', 'mp3-128+noise-40'); the noise
     and holes of file k are drawn from seed + k. Each row records its degradation (`Degradation.record`);
     figures are still split at the low-pass cutoff.
+
+    Under several processes (`accelerate launch`) every process calls it (a collective): process r
+    scores files r, r + N, r + 2N, ..., the rows are gathered in file order, and every process returns
+    what one process would have (each file's noise comes from its index, not its process; only the
+    timing figure rtf differs from run to run).
     """
     if categories is not None and len(categories) != len(files):
         raise ValueError(f"{len(categories)} categories for {len(files)} files")
     eval_degradation(degradation, 8000.0, 1.0)  # a bad spec fails before any work
-    rows, skipped = [], {}
-    for k, path in enumerate(files):
-        try:
-            hr = load_audio(path, SAMPLE_RATE)  # [C, L]
-        except AudioError as exc:
-            skipped[str(path)] = str(exc)
-            log.warning("%s", exc)
-            continue
-        if max_seconds:
-            hr = hr[:, : round(max_seconds * SAMPLE_RATE)]
-        for cutoff in cutoffs:
-            deg = eval_degradation(degradation, float(cutoff), hr.shape[-1] / SAMPLE_RATE, seed + k)
-            lr = apply_degradation(hr, SAMPLE_RATE, deg)  # [C, L]
-            score = score_clip(up, hr, lr, float(cutoff), steps=steps, seed=seed)
-            m = score.metrics
-            row = {"file": str(path), "cutoff": float(cutoff), "degradation": deg.record(),
-                   "seconds": hr.shape[-1] / SAMPLE_RATE, **m,
-                   "octaves": {"bands": score.octaves["model"].bands,
-                               **{who: o.db for who, o in score.octaves.items()}}}
-            if categories is not None:
-                row["category"] = categories[k]
-            rows.append(row)
-            if progress:
-                progress(f"{Path(path).name} @ {cutoff:g} Hz: LSD-HF {m['lsd_hf_model']:.3f} "
-                         f"(sinc {m['lsd_hf_sinc']:.3f}, noise fill {m['lsd_hf_fill']:.3f})")
+    state = PartialState()
+    mine = [(k, *_score_file(up, files[k], k, cutoffs, steps, seed, max_seconds, degradation,
+                             None if categories is None else categories[k], progress))
+            for k in range(state.process_index, len(files), state.num_processes)]
+    done = sorted(gather_object(mine) if state.num_processes > 1 else mine, key=lambda part: part[0])
+    rows = [row for _, file_rows, _ in done for row in file_rows]
+    skipped = {str(files[k]): reason for k, _, reason in done if reason is not None}
     protocol = {**PROTOCOL, "degradation": degradation, "cutoffs": list(map(float, cutoffs)), "steps": steps,
                 "seed": seed}
     return {"protocol": protocol,
             "rows": rows, "aggregate": aggregate(rows), "skipped": skipped}
+
+
+def _score_file(up: Upsampler, path: str | Path, k: int, cutoffs: Sequence[float], steps: int | None,
+                seed: int, max_seconds: float | None, degradation: str, category: str | None,
+                progress: Callable[[str], None] | None) -> tuple[list[dict], str | None]:
+    """File k's rows, one per cutoff, and None; or no rows and why the file was skipped. Its figures
+    depend on k (its degradation is drawn from seed + k), never on which process scores it."""
+    try:
+        hr = load_audio(path, SAMPLE_RATE)  # [C, L]
+    except AudioError as exc:
+        log.warning("%s", exc)
+        return [], str(exc)
+    if max_seconds:
+        hr = hr[:, : round(max_seconds * SAMPLE_RATE)]
+    rows = []
+    for cutoff in cutoffs:
+        deg = eval_degradation(degradation, float(cutoff), hr.shape[-1] / SAMPLE_RATE, seed + k)
+        lr = apply_degradation(hr, SAMPLE_RATE, deg)  # [C, L]
+        score = score_clip(up, hr, lr, float(cutoff), steps=steps, seed=seed)
+        m = score.metrics
+        row = {"file": str(path), "cutoff": float(cutoff), "degradation": deg.record(),
+               "seconds": hr.shape[-1] / SAMPLE_RATE, **m,
+               "octaves": {"bands": score.octaves["model"].bands,
+                           **{who: o.db for who, o in score.octaves.items()}}}
+        if category is not None:
+            row["category"] = category
+        rows.append(row)
+        if progress:
+            progress(f"{Path(path).name} @ {cutoff:g} Hz: LSD-HF {m['lsd_hf_model']:.3f} "
+                     f"(sinc {m['lsd_hf_sinc']:.3f}, noise fill {m['lsd_hf_fill']:.3f})")
+    return rows, None
 
 
 def aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
