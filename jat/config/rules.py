@@ -125,6 +125,13 @@ def validate(cfg: Config, source: str) -> None:
     o = cfg.optim
     check(len(o.betas) == 2, "optim.betas", f"need two values in [0, 1), got {_show(o.betas)}")
 
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # the trackers accelerate drives
+
+    unknown = [name for name in cfg.train.log_with if name not in LOGGER_TYPE_TO_CLASS]
+    check(not unknown, "train.log_with",
+          f"unknown trackers {_show(unknown)}; accelerate offers {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+    check(len(set(cfg.train.log_with)) == len(cfg.train.log_with), "train.log_with", "a tracker named twice")
+
     lo = cfg.lora
     check(lo.mode == "none" or bool(lo.targets) or lo.temporal_adapter, "lora.targets", "nothing to adapt")
     check(lo.select_fraction is None or bool(lo.targets), "lora.select_fraction",

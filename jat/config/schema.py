@@ -155,6 +155,9 @@ class TrainConfig:
     # how several processes share the work: ddp replicates the model on every process; fsdp shards
     # parameters, gradients, optimizer state and EMA over them (FSDP2, docs/scaling.md)
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # experiment trackers accelerate drives (tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
+    # swanlab, trackio); tensorboard writes output_dir/logs and also takes validation's audio and images
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass

@@ -28,12 +28,12 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from jat.checkpoint import store as ckpt
-from jat.config import Config
+from jat.config import Config, TrainConfig
 from jat.model.dit import JaT
 from jat.model.flow import FlowMatching, FlowNoise
 from jat.model.lora import format_lora_report, lora_report
 from jat.runtime import tune_cpu_runtime
-from jat.train import sharding
+from jat.train import sharding, tracking
 from jat.train.data import Batch, StepBatches, TrainingData
 from jat.train.optim import EMA, build_optimizer, lr_lambda
 from jat.train.runlock import RunLock
@@ -50,14 +50,16 @@ class TrainingError(RuntimeError):
 # --- pieces ------------------------------------------------------------------------------------
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """An Accelerator; in a single process, a second trainer may use another precision than the first
-    (accelerate keeps one global state and would refuse the change)."""
+def make_accelerator(t: TrainConfig) -> Accelerator:
+    """An Accelerator with `t`'s precision and trackers (jat/train/tracking.py); in a single process, a
+    second trainer may use another precision than the first (accelerate keeps one global state and would
+    refuse the change)."""
     state = AcceleratorState._shared_state
-    if (state and state.get("_mixed_precision") not in (None, mixed_precision)
+    if (state and state.get("_mixed_precision") not in (None, t.mixed_precision)
             and PartialState().num_processes == 1):
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    return Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.log_with) or None,
+                       project_dir=t.output_dir)
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -75,12 +77,17 @@ class Trainer:
     The output folder is locked (jat/train/runlock.py) before anything is built: a second run into it
     stops with RunLockedError. `fit` releases the lock when it ends (and takes it again when called
     again); `close()` releases it for a Trainer that is not fitted.
+
+    Scalars go to the trackers `train.log_with` names (jat/train/tracking.py); an `accelerator` passed
+    in brings its own (`Accelerator(log_with=..., project_dir=...)`, custom GeneralTrackers included).
     """
 
     def __init__(self, cfg: Config, data: TrainingData, validator: Any = None, resume: str | None = None,
                  accelerator: Accelerator | None = None):
         self.cfg = cfg
-        self.acc = accelerator or make_accelerator(cfg.train.mixed_precision)
+        if accelerator is None:
+            tracking.require_installed(cfg.train.log_with)  # before any work
+        self.acc = accelerator or make_accelerator(cfg.train)
         self.out = Path(cfg.train.output_dir)
         self.writer = None
         self._run_lock = RunLock(self.out)
@@ -141,10 +148,9 @@ class Trainer:
             raise error
 
     def close(self) -> None:
-        """Close the log writer and release the output folder's run lock (fit does it when it ends)."""
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        """Finish the trackers and release the output folder's run lock (fit does it when it ends)."""
+        tracking.close_trackers(self.acc)
+        self.writer = None
         self._run_lock.release()
 
     def _to_batch(self, raw: dict[str, Any]) -> Batch:
@@ -178,7 +184,8 @@ class Trainer:
         t, acc = self.cfg.train, self.acc
         stop = min(until, t.max_steps) if until is not None else t.max_steps
         if acc.is_main_process:
-            self._open_writer()
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.writer = tracking.open_trackers(self.acc, self.cfg)  # TensorBoard's, for media, or None
             self._log_parameters()
         tokens_per_example = None
         bar = None
@@ -275,16 +282,9 @@ class Trainer:
         return metrics
 
     # --- logging --------------------------------------------------------------------------------
-    def _open_writer(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.out / "logs"))
-
     def _log(self, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
+        """Scalars to every tracker (main process), under train/NAME unless NAME has a group."""
+        self.acc.log({k if "/" in k else f"train/{k}": v for k, v in values.items()}, step=self.step)
         log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
     def _log_parameters(self) -> None:
