@@ -25,10 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
-
 from jat.checkpoint.store import CheckpointError, resolve_checkpoint
+from jat.cli.launch import process_state
 from jat.config import ConfigError
 from jat.data.audio import AudioError, list_audio_files
 from jat.data.degrade import eval_degradation
@@ -87,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write results here (and a markdown table beside it)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    # one process, or one of `accelerate launch`'s; like Accelerator, ACCELERATE_USE_CPU (accelerate launch
-    # --cpu, or the variable) makes the launched processes a gloo group of CPU processes
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or args.device == "cpu")
+    state = process_state(args.device)  # one process, or one of `accelerate launch`'s
     device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     try:
         up = Upsampler.from_checkpoint(resolve_checkpoint(args.checkpoint), device=device,

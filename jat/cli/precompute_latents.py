@@ -132,11 +132,9 @@ def _launched(device: str | None):
     """accelerate's process state when this runs as one of several launched processes, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    from jat.cli.launch import process_state
 
-    # like Accelerator: ACCELERATE_USE_CPU (accelerate launch --cpu) makes it a gloo group of CPU processes
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (device or "").startswith("cpu"))
+    return process_state(device)
 
 
 if __name__ == "__main__":

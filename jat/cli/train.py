@@ -13,13 +13,13 @@ import argparse
 import logging
 import sys
 
-from accelerate import PartialState
-
 from jat.checkpoint.store import CheckpointError
+from jat.cli.launch import process_state
 from jat.codecs import CodecError
 from jat.config import Config, ConfigError, resolve_config_path
 from jat.data.audio import AudioError
 from jat.data.datasets import ShardError
+from jat.train import tracking
 from jat.train.data import prepare
 from jat.train.trainer import Trainer, TrainingError
 from jat.train.validation import Validator
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = Config.from_yaml(resolve_config_path(args.config), args.overrides)
-        data = prepare(cfg, device=PartialState().device)  # the dataset in its latent space
+        tracking.require_installed(cfg.train.log_with)  # a missing tracker package fails before any work
+        data = prepare(cfg, device=process_state().device)  # the dataset in its latent space
         trainer = Trainer(cfg, data, validator=Validator.from_config(cfg), resume=args.resume)
         metrics = trainer.fit()
     except (ConfigError, AudioError, ShardError, CodecError, CheckpointError, TrainingError) as exc:
