@@ -34,6 +34,8 @@ class Codec(nn.Module, ABC):
       latent_dim: latent channels C
       channels: audio channels one call encodes (1: multichannel audio is folded into the batch)
       chunk_seconds: long audio is processed in chunks of about this length
+      context_frames: latent frames of context either side that make separately coded blocks join
+        exactly, for encode and decode (its receptive field; streaming inference reads it)
     """
 
     sample_rate: int
@@ -41,6 +43,7 @@ class Codec(nn.Module, ABC):
     latent_dim: int
     channels: int = 1
     chunk_seconds: float = 30.0
+    context_frames: int
 
     def num_frames(self, length: int) -> int:
         """Latent frames T = ceil(length / hop) for `length` audio samples."""

@@ -63,6 +63,10 @@ class MDCTCodec(Codec):
         sample_rate: nominal audio rate (the transform itself is rate-agnostic).
     """
 
+    # frame t reaches half a hop beyond its block on each side, so one neighbouring frame is enough; one
+    # more keeps a segment's start and stop windows (`_windows`) on frames that are thrown away
+    context_frames = 2
+
     def __init__(
         self,
         compression: float = 0.5,

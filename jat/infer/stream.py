@@ -34,7 +34,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from jat.codecs import Codec, MDCTCodec
+from jat.codecs import Codec
 from jat.codecs.base import SAMPLE_RATE
 from jat.data.audio import AudioError, audio_info, read_samples, restore_level
 from jat.infer.band import CUTOFF_SECONDS, estimate_cutoff, low_frequency_replace, output_length
@@ -50,20 +50,13 @@ LFR_FFT, LFR_HOP = _LFR["n_fft"].default, _LFR["hop"].default
 
 
 def codec_context(codec: Codec) -> int:
-    """Latent frames of context either side that make a codec's blocks join exactly, for encode and decode.
-
-    A codec that knows its receptive field says so (`context_frames`: DAC's is computed from its
-    convolutions). MDCT frame t reaches half a hop beyond its block on each side, so one neighbouring
-    frame is enough; one more keeps a segment's start and stop windows (`MDCTCodec._windows`) on frames
-    that are thrown away.
-    """
+    """Latent frames of context either side that make a codec's blocks join exactly, for encode and decode:
+    the codec's own `context_frames` (DAC's is computed from its convolutions, MDCT's is 2)."""
     ctx = getattr(codec, "context_frames", None)
-    if ctx is not None:
-        return int(ctx)
-    if isinstance(codec, MDCTCodec):
-        return 2
-    raise ValueError(f"{type(codec).__name__}: no receptive field known (give it a context_frames "
-                     f"attribute) so it cannot be streamed")
+    if ctx is None:
+        raise ValueError(f"{type(codec).__name__}: no receptive field known (give it a context_frames "
+                         f"attribute) so it cannot be streamed")
+    return int(ctx)
 
 
 # --- the first pass ----------------------------------------------------------------------------------
