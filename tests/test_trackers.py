@@ -121,3 +121,14 @@ def test_missing_tracker_fails_before_any_work(tmp_path):
                                           r"\(pip install wandb\)"):
         tiny_trainer(out, steps=3, **{"train.log_with": "[tensorboard, wandb]"})
     assert not out.exists()
+
+
+def test_wandb_run_id_is_made_once_and_read_back_on_resume(tmp_path):
+    """A resumed run continues its W&B run: the id is written once in the logs folder, then read back."""
+    from jat.train.tracking import _wandb_id
+
+    first = _wandb_id(tmp_path / "logs")
+    assert len(first) == 16 and int(first, 16) >= 0  # 8 random bytes in hex
+    assert (tmp_path / "logs" / "wandb-id").read_text().strip() == first
+    assert _wandb_id(tmp_path / "logs") == first
+    assert _wandb_id(tmp_path / "other" / "logs") != first  # another output folder, another run

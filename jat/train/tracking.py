@@ -20,6 +20,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 
+from jat.atomic import write_atomic
 from jat.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,8 @@ def hyperparameters(cfg: Config) -> dict[str, bool | int | float | str]:
 def _wandb_id(folder: Path) -> str:
     """This output folder's W&B run id: made once, then read back, so a resumed run continues it."""
     path = folder / "wandb-id"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(8) + "\n")
+    if not path.exists():  # written whole or not at all, like every file a run keeps
+        write_atomic(path, lambda tmp: tmp.write_text(secrets.token_hex(8) + "\n"))
     return path.read_text().strip()
 
 
