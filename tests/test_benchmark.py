@@ -6,7 +6,9 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import ROOT, trained_jat
@@ -186,3 +188,15 @@ def test_memory_section_measures_each_length_in_its_own_process(capsys):
     printed = capsys.readouterr().out
     assert "streaming inference memory" in printed and "max / min peak" in printed
     assert len(out) == 2 * 3 + 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the child's own peak needs /proc")
+def test_memory_rows_do_not_count_the_starting_process():
+    """A starter holding 2 GB does not inflate the children's peaks: each child reports its own high-water
+    mark since exec (Linux's ru_maxrss of a child would also carry the starter's resident size)."""
+    from jat.evaluation.memory import streaming_peak_memory
+
+    held = np.ones(2**28)  # 2 GiB of float64, resident in this process
+    [row] = streaming_peak_memory([0.05])
+    assert held.sum() == 2**28
+    assert 100 < row["peak_mb"] < 1800  # a small stream's own process (about 0.8 GB), not this one's 2+ GB

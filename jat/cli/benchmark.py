@@ -31,6 +31,7 @@ from jat.evaluation.benchmark import (
     measure_inference,
     named_config,
 )
+from jat.evaluation.memory import format_rows, max_over_min, streaming_peak_memory
 
 
 def codec_decode_seconds(codec_name: str, seconds: float) -> float:
@@ -74,33 +75,16 @@ def best_of_rounds(cases: dict[str, tuple], rounds: int,
     return best
 
 
-MEMORY_RUN = ("import json, sys; from jat.evaluation.memory import streaming_peak_memory; "
-              "print(json.dumps(streaming_peak_memory([float(m) for m in sys.argv[1:]])))")
-
-
 def memory_section(minutes: list[float], out: dict) -> None:
     """Peak memory of streaming inference (`streaming_peak_memory`: stereo 48 kHz, 1 step, a fresh
-    process per length), printed as a table and added to `out` as `memory.stream.m<minutes>.*` rows
-    and `memory.stream.max_over_min`, the flatness ratio of the peaks.
-
-    The measuring processes are started from a small process of their own (about 30 MB), not from this
-    one: Linux carries the resident size of the process that starts a child into the child's ru_maxrss
-    (recorded at exec), and this process holds the yardsticks' gigabyte of buffers by then; started from
-    here, every length read as this process's 1630 MB."""
-    proc = subprocess.run([sys.executable, "-c", MEMORY_RUN, *map(str, minutes)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"streaming memory measurement failed:\n{proc.stderr[-2000:]}")
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    process per length, each reporting its own high-water mark), printed as a table and added to `out`
+    as `memory.stream.m<minutes>.*` rows and `memory.stream.max_over_min`, the flatness ratio of the peaks."""
+    rows = streaming_peak_memory(minutes)
     print("\nstreaming inference memory, stereo 48 kHz, 1 step (tiny model, MDCT codec), one process each")
-    print(f"{'minutes':>8}{'peak MB':>9}{'seconds':>9}{'RTF':>7}")
+    print(format_rows(rows))
     for r in rows:
-        key = f"memory.stream.m{r['minutes']:g}"
-        out.update({f"{key}.{k}": r[k] for k in ("peak_mb", "seconds", "rtf")})
-        print(f"{r['minutes']:>8g}{r['peak_mb']:>9.0f}{r['seconds']:>9.1f}{r['rtf']:>7.3f}")
-    peaks = [r["peak_mb"] for r in rows]
-    out["memory.stream.max_over_min"] = max(peaks) / min(peaks)
-    print(f"max / min peak: {out['memory.stream.max_over_min']:.2f}x")
+        out.update({f"memory.stream.m{r['minutes']:g}.{k}": r[k] for k in ("peak_mb", "seconds", "rtf")})
+    out["memory.stream.max_over_min"] = max_over_min(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
