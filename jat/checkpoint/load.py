@@ -72,8 +72,9 @@ def load_model(checkpoint: str | Path, adapter: str | Path | None = None, ema: b
         if not cfg.train.init_from:
             raise ckpt.CheckpointError(f"{checkpoint}: LoRA checkpoint without train.init_from: "
                                        "give the base checkpoint and this one as the adapter")
-        adapter, base = checkpoint, Path(cfg.train.init_from)
+        adapter, base, flow = checkpoint, Path(cfg.train.init_from), cfg.flow
         cfg = ckpt.read_config(base)
+        cfg.flow = flow  # the sampler the adapters were trained for (a distilled student's few steps)
     model = build_model(cfg)
     ckpt.load_checked(model, ckpt.load_weights(base, "ema" if ema else "model"), f"{base}: model weights")
     model.to(device)

@@ -30,6 +30,7 @@ from jat.config.schema import (
     Config,
     ConfigError,
     DataConfig,
+    DistillConfig,
     FlowConfig,
     LoraConfig,
     ModelConfig,
@@ -37,6 +38,6 @@ from jat.config.schema import (
     TrainConfig,
 )
 
-__all__ = ["MODEL_PRESETS", "RANGES", "CodecConfig", "Config", "ConfigError", "DataConfig", "FlowConfig",
-           "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "apply_override", "load_yaml_tree",
-           "model_preset", "preset_model_config", "resolve_config_path", "validate"]
+__all__ = ["MODEL_PRESETS", "RANGES", "CodecConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
+           "FlowConfig", "LoraConfig", "ModelConfig", "OptimConfig", "TrainConfig", "apply_override",
+           "load_yaml_tree", "model_preset", "preset_model_config", "resolve_config_path", "validate"]

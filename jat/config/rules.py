@@ -21,7 +21,8 @@ _RULES = {
             "train.log_every train.val_every train.val_steps train.ckpt_every train.keep_last "
             "train.max_bad_steps lora.rank lora.temporal_dim lora.temporal_kernel "
             "data.val_clips "  # data.val: null turns validation off, not 0 clips
-            "data.holes_max model.envelope_hidden model.envelope_dilations",
+            "data.holes_max model.envelope_hidden model.envelope_dilations distill.teacher_steps "
+            "distill.evaluations",
     ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps model.envelope_bands flow.envelope_loss",
     "> 0": "model.mlp_ratio model.rope_theta flow.u_shape_a flow.logit_normal_std codec.chunk_seconds "
            "data.segment_seconds optim.lr optim.eps optim.grad_clip lora.alpha flow.band_threshold",
@@ -131,6 +132,17 @@ def validate(cfg: Config, source: str) -> None:
     check(not unknown, "train.log_with",
           f"unknown trackers {_show(unknown)}; accelerate offers {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
     check(len(set(cfg.train.log_with)) == len(cfg.train.log_with), "train.log_with", "a tracker named twice")
+
+    di = cfg.distill
+    if di.teacher:  # the student samples on the grid it was trained on (FlowMatching.draw)
+        check(bool(di.evaluations), "distill.evaluations", "no budget to train the student for")
+        check(f.solver == "euler", "flow.solver",
+              f"a distilled student samples with euler steps (distill.teacher is set), got {f.solver!r}")
+        check(f.steps in di.evaluations, "flow.steps",
+              f"the student's default budget must be one it is trained for ({_show(di.evaluations)}), "
+              f"got {f.steps}")
+        check(f.cfg_scale == 1.0, "flow.cfg_scale", "a distilled student samples without guidance: "
+              "guide the teacher instead")
 
     lo = cfg.lora
     check(lo.mode == "none" or bool(lo.targets) or lo.temporal_adapter, "lora.targets", "nothing to adapt")

@@ -179,6 +179,20 @@ class LoraConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Few-step distillation (docs/design.md "Few-step distillation", jat/train/distill.py): the run trains a
+    student that samples in `flow.steps` Euler steps, on straight paths from noise to its teacher's sample."""
+
+    # the teacher's checkpoint; None: ordinary training. The student starts from it unless train.init_from
+    # names another start
+    teacher: str | None = None
+    teacher_steps: int = 8  # the teacher's sampler steps from noise to data, per training example
+    teacher_solver: Literal["euler", "heun"] = "heun"
+    # the network-evaluation budgets the student is trained for: t is drawn from their Euler grids
+    evaluations: list[int] = field(default_factory=lambda: [1, 2, 4])
+
+
+@dataclass
 class Config:
     """The whole run configuration."""
 
@@ -189,6 +203,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,6 +215,8 @@ class Config:
 
         cfg = _build(cls, _apply_presets(data, source), "", source)
         validate(cfg, source)
+        if cfg.distill.teacher and not cfg.train.init_from:  # a student starts as its teacher
+            cfg.train.init_from = cfg.distill.teacher
         object.__setattr__(cfg, "source", source)  # where it came from, for later error messages
         return cfg
 
@@ -207,7 +224,7 @@ class Config:
         """Fail before any work when a path the run needs does not exist, naming the key and the file."""
         source = getattr(self, "source", "config")
         keys = [("data.val", self.data.val), ("train.init_from", self.train.init_from),
-                ("codec.dac_weights", self.codec.dac_weights)]
+                ("codec.dac_weights", self.codec.dac_weights), ("distill.teacher", self.distill.teacher)]
         if need_data:
             if not (self.data.latents or self.data.train):
                 raise ConfigError(f"{source}: data.latents or data.train must name the training data")

@@ -93,23 +93,38 @@ class FlowMatching:
         return t.clamp(1e-5, 1 - 1e-5).float()
 
     # --- training --------------------------------------------------------------------------------
-    def draw(self, x: torch.Tensor, generator: torch.Generator | None = None) -> FlowNoise:
-        """Timesteps, noise and condition-dropout flags for a batch shaped like x [B, C, T]."""
+    def draw(self, x: torch.Tensor, generator: torch.Generator | None = None,
+             evaluations: list[int] | None = None) -> FlowNoise:
+        """Timesteps, noise and condition-dropout flags for a batch shaped like x [B, C, T].
+
+        With `evaluations` (a few-step student's budgets, e.g. [1, 2, 4]) t is instead a point of one
+        of their Euler grids: a budget K drawn uniformly, then one of its K points k / K (so t = 0,
+        where every budget starts, is drawn most often)."""
         B = x.shape[0]
         t = self.sample_t(B, device=x.device, generator=generator)  # [B]
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)  # [B, C, T]
         drop = torch.rand(B, generator=generator, device=x.device) < self.cfg.cond_dropout  # [B]
+        if evaluations:
+            budgets = torch.tensor(evaluations, device=x.device, dtype=torch.float32)  # [n]
+            pick = torch.randint(len(evaluations), (B,), generator=generator, device=x.device)
+            K = budgets[pick]  # [B]
+            k = torch.floor(torch.rand(B, generator=generator, device=x.device) * K).clamp_max(K - 1)
+            t = k / K  # [B] a grid point of the student's Euler sampler
         return FlowNoise(t, eps, drop)
 
     def loss(self, model: Denoiser, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None,
-             noise: FlowNoise | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             generator: torch.Generator | None = None, noise: FlowNoise | None = None,
+             data: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Velocity-space loss of an x-predicting model on clean latents x [B, C, T], condition c.
 
         mask [B, T] (bool) marks valid frames; padded frames do not count. Returns the scalar loss
         and per-example details (t, loss per example) for logging by timestep bucket. The random
         draws come from `noise` when given (the trainer draws them per example, so they do not
         depend on how a batch is split across processes), else from `generator`.
+
+        In few-step distillation x is a teacher's sample from the same noise (jat/train/distill.py),
+        so the path z_t runs straight from the noise to it; `data`, the real clean latent, is then what
+        the envelope term fits (default: x).
         """
         noise = noise or self.draw(x, generator)
         t, eps, B = noise.t, noise.eps.to(x.dtype), x.shape[0]
@@ -128,7 +143,8 @@ class FlowMatching:
         v_hat = (x_hat - z_t) / denom
         err = (v_hat - v).pow(2).mean(dim=1)  # [B, T]
         if env is not None and env.shape[1] > 0 and trains_envelope:
-            err = err + self.cfg.envelope_loss * self.envelope_error(env, x, c, model_mask)
+            err = err + self.cfg.envelope_loss * self.envelope_error(env, x if data is None else data, c,
+                                                                     model_mask)
         if mask is None:
             per_example = err.mean(dim=1)  # [B]
             loss = per_example.mean()

@@ -7,7 +7,8 @@ checkpoints and resume.
 One optimizer step = `grad_accum` micro-batches of `batch_size` examples on each process. Data order,
 segment crops, degradations and the flow's noise are functions of (seed, step, example index) alone,
 so a resumed run, or a run split over more processes with the same global batch, sees exactly the
-same numbers.
+same numbers. A distillation (`distill.teacher`) trains on a teacher's samples from that same noise
+(jat/train/distill.py), so it resumes as exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from jat.model.lora import format_lora_report, lora_report
 from jat.runtime import tune_cpu_runtime
 from jat.train import sharding, tracking
 from jat.train.data import Batch, StepBatches, TrainingData
+from jat.train.distill import Teacher
 from jat.train.optim import EMA, build_optimizer, lr_lambda
 from jat.train.runlock import RunLock
 from jat.train.tuning import tuning
@@ -107,6 +109,8 @@ class Trainer:
         self.flow = FlowMatching(cfg.flow)
         self.validator = validator
         self.tuning = tuning(cfg)
+        # few-step distillation: a frozen teacher samples each example's target (jat/train/distill.py)
+        self.teacher = Teacher(cfg, self.latents.norm, self.acc.device) if cfg.distill.teacher else None
         model = self.tuning.build(self.acc.device)
         self.sharded = sharding.wanted(cfg, self.acc.num_processes)
         if self.sharded:
@@ -165,8 +169,13 @@ class Trainer:
         for i in range(B):
             seed = int(np.random.SeedSequence([self.cfg.train.seed, micro, first + i]).generate_state(1)[0])
             g = torch.Generator(device=batch.x.device).manual_seed(seed)
-            parts.append(self.flow.draw(batch.x[i:i + 1], g))
+            parts.append(self.flow.draw(batch.x[i:i + 1], g, self._evaluations))
         return FlowNoise.cat(parts)
+
+    @property
+    def _evaluations(self) -> list[int] | None:
+        """A student's evaluation budgets, whose Euler grids give its timesteps (None: not distilling)."""
+        return self.cfg.distill.evaluations if self.teacher is not None else None
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self, until: int | None = None) -> dict[str, Any]:
@@ -211,9 +220,11 @@ class Trainer:
                     ctx = contextlib.nullcontext()
                 else:
                     ctx = sharding.no_sync(self.model_plain) if self.sharded else acc.no_sync(self.model)
+                noise = self._noise(batch, micro)
                 with ctx, acc.autocast():
-                    loss, info = self.flow.loss(self.model, batch.x, batch.c, batch.mask,
-                                                noise=self._noise(batch, micro))
+                    x = batch.x if self.teacher is None else self.teacher.sample(batch.c, batch.mask, noise)
+                    loss, info = self.flow.loss(self.model, x, batch.c, batch.mask, noise=noise,
+                                                data=batch.x)
                 acc.backward(loss / t.grad_accum)
                 losses.append(loss.detach())
                 ts.append(info["t"])
