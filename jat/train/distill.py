@@ -21,7 +21,6 @@ import logging
 
 import torch
 
-from jat.checkpoint import store as ckpt
 from jat.checkpoint.load import latent_norm, load_model
 from jat.codecs import LatentNorm
 from jat.config import Config, ConfigError
@@ -41,8 +40,7 @@ class Teacher:
 
     def __init__(self, cfg: Config, norm: LatentNorm, device: torch.device):
         d = cfg.distill
-        path = ckpt.resolve_checkpoint(d.teacher)
-        self.model, self.cfg, base = load_model(path, device=device)
+        self.model, self.cfg, base = load_model(d.teacher, device=device)  # as train.init_from reads it
         self.model.requires_grad_(False)
         if self.cfg.codec.name != cfg.codec.name or self.cfg.model.in_channels != cfg.model.in_channels:
             raise ConfigError(f"distill.teacher={d.teacher}: the teacher works on '{self.cfg.codec.name}' "
@@ -54,7 +52,7 @@ class Teacher:
         norm = norm.to(device)
         same = (torch.allclose(teacher_norm.mean, norm.mean) and torch.allclose(teacher_norm.std, norm.std))
         self._norms = None if same else (norm, teacher_norm)  # (student's, teacher's) when they differ
-        log.info("distillation teacher %s: %d %s steps%s", path, self.steps, self.solver,
+        log.info("distillation teacher %s: %d %s steps%s", d.teacher, self.steps, self.solver,
                  "" if same else " (its own latent statistics)")
 
     def _to_teacher(self, z: torch.Tensor) -> torch.Tensor:
