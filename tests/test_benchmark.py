@@ -127,7 +127,8 @@ def test_benchmark_script_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--configs", "tiny", "--batches", "2",
            "--dtypes", "bf16", "--rounds", "1", "--repeats", "1", "--seconds", "1", "--infer-seconds", "1",
-           "--infer-steps", "2", "--no-dac", "--no-finetune", "--memory-minutes", "0.05", "--json", str(out)]
+           "--infer-steps", "2", "--no-dac", "--no-finetune", "--memory-minutes", "0.05",
+           "--rtf-configs", "tiny", "--rtf-seconds", "1", "--rtf-evals", "1", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
@@ -140,6 +141,10 @@ def test_benchmark_script_end_to_end(tmp_path):
     assert 0 < r["infer.tiny.bf16.s2.mfu"] < 1 and r["infer.tiny.bf16.s2.nfe"] == 3
     assert "whole step" in proc.stdout and "runtime ablation" in proc.stdout
     assert r["memory.stream.m0.05.peak_mb"] > 100 and r["memory.stream.max_over_min"] == 1.0  # one row
+    k = "rtf.tiny.mdct.s1.e1"  # the end-to-end row (--no-dac: no codec section, the rtf rows on mdct)
+    stages = sum(r[f"{k}.{s}_s"] for s in ("read", "encode", "network", "decode", "lfr", "write", "other"))
+    assert stages == pytest.approx(r[f"{k}.total_s"]) and r[f"{k}.rtf"] == pytest.approx(r[f"{k}.total_s"])
+    assert not any(key.startswith("codec.") for key in r)
 
 
 def test_best_of_rounds_alternates_cases_and_keeps_each_ones_fastest(monkeypatch):

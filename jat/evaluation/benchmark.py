@@ -39,12 +39,21 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return min(times)
 
 
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 3072, 4096), repeats: int = 5) -> float:
-    """Achieved FLOP/s of large square matmuls, the best over a few sizes: this machine's practical peak."""
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 3072, 4096), repeats: int = 5,
+                device: str | torch.device = "cpu") -> float:
+    """Achieved FLOP/s of large square matmuls, the best over a few sizes: this device's practical peak
+    (on a GPU each timed call waits for the device)."""
+    device = torch.device(device)
+
+    def product(a: torch.Tensor, b: torch.Tensor) -> None:
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        best = max(best, 2 * n**3 / best_time(lambda: a @ b, repeats))  # noqa: B023
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        best = max(best, 2 * n**3 / best_time(lambda: product(a, b), repeats))  # noqa: B023
     return best
 
 
