@@ -13,8 +13,8 @@ own `compress` instead turns off convolution padding and so differs from a one-s
 
 Speed. With `fast` (`codec.dac_fast`, the default for a codec built from its config) the encoder and
 decoder run in the form `jat/codecs/dac_fast.py` builds (weight norm folded once, channels-last layout,
-polyphase upsampling, the high-rate stages tiled): the same function up to float rounding, about 1.4x
-faster on CPU (docs/benchmarks.md "DAC codec"). `dtype` bf16 (`codec.dac_dtype`) runs its convolutions in
+polyphase resampling, the high-rate stages tiled): the same function up to float rounding, 2.3x faster
+on 2 CPU cores (docs/benchmarks.md "DAC codec"). `dtype` bf16 (`codec.dac_dtype`) runs its convolutions in
 bf16, faster again where the CPU has AVX512-BF16 but about 1e-2 relative from fp32; fp32 is the default.
 
 Codes. `encode_codes` gives the residual quantizer's codes [B, Q, T] (Q codebooks of `codebook_size`

@@ -18,7 +18,7 @@ of the development machine, fp32):
   Conv1d likewise reads the input as blocks of s samples x C channels (`Conv`).
 - The high-rate stages run a tile at a time (`Tiled`): each tile's input widened by its receptive field,
   so the result is the one-pass result while the activations stay in cache and below the size at which
-  malloc hands memory back to the kernel (10 s in one pass: 750 k page faults per 5 s decoded).
+  malloc hands memory back to the kernel (untiled, a 5 s decode faulted 750 k pages in).
 - A lean Snake: x + sin²(αx) / (α + 1e-9) in four passes over one new tensor (the library's TorchScript
   function makes three new tensors in six passes); its sin is most of its time. torch.compile fused it
   into one loop but ran slower (14 ms against 9 ms for 96 x 44544 values), so it stays eager.

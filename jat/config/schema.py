@@ -85,7 +85,7 @@ class CodecConfig:
     dac_model_bitrate: str = "8kbps"
     chunk_seconds: float = 30.0  # long audio is encoded/decoded in chunks of this length
     # DAC's encoder and decoder in their fast form (jat/codecs/dac_fast.py): the same function up to float
-    # rounding, about 1.4x faster on CPU; false: the library's modules as they are
+    # rounding, about 2x faster on CPU; false: the library's modules as they are
     dac_fast: bool = True
     # the fast form's convolution precision: bf16 is about 2x faster on CPUs with AVX512-BF16 (and on GPUs)
     # but about 1e-2 relative from fp32 (docs/benchmarks.md "DAC codec")
