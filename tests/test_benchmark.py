@@ -139,6 +139,8 @@ def test_benchmark_script_end_to_end(tmp_path):
     assert r[f"{k}.cpu_tuned"] is True and r[f"{k}.ref.cpu_tuned"] is False
     assert r[f"{k}.ours_untuned.cpu_tuned"] is False and r[f"{k}.ref_tuned.cpu_tuned"] is True
     assert 0 < r["infer.tiny.bf16.s2.mfu"] < 1 and r["infer.tiny.bf16.s2.nfe"] == 3
+    assert r["infer.tiny.bf16.s2.network_rtf"] == pytest.approx(r["infer.tiny.bf16.s2.network_s"] / 1.0)
+    assert "infer.tiny.bf16.s2.codec_s" not in r  # the codec is timed once, in the codec and rtf sections
     assert "whole step" in proc.stdout and "runtime ablation" in proc.stdout
     assert r["memory.stream.m0.05.peak_mb"] > 100 and r["memory.stream.max_over_min"] == 1.0  # one row
     k = "rtf.tiny.mdct.s1.e1"  # the end-to-end row (--no-dac: no codec section, the rtf rows on mdct)

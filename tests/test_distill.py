@@ -135,3 +135,21 @@ def test_a_lora_student_trains_adapters_only(tmp_path, teacher_ckpt):
     assert changed and all("lora" in k for k in changed), sorted(changed)[:5]
     model, cfg, base = load_model(ckpt.latest_checkpoint(tmp_path / "lora"))  # its base: the teacher
     assert base == teacher_ckpt and (cfg.flow.solver, cfg.flow.steps) == ("euler", 2)
+
+
+def test_a_student_is_validated_at_its_own_budget(tmp_path, teacher_ckpt):
+    """In-training validation samples as the run's model will be used: a student at its flow.steps (in
+    its trained budgets), any other run at train.val_steps."""
+    import numpy as np
+    import soundfile as sf
+
+    from jat.train.validation import Validator
+
+    val = tmp_path / "val"
+    val.mkdir()
+    sf.write(val / "a.wav", 0.1 * np.random.default_rng(0).standard_normal(44100).astype("float32"), 44100)
+    base = {"model": {"preset": "tiny"}, "data": {"val": str(val), "segment_seconds": 1.0},
+            "train": {"val_steps": 6}}
+    student = Config.from_dict({**base, "flow": STUDENT_FLOW, "distill": {"teacher": str(teacher_ckpt)}})
+    assert Validator.from_config(student).steps == 2
+    assert Validator.from_config(Config.from_dict({**base, "flow": STUDENT_FLOW})).steps == 6

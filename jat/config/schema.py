@@ -152,7 +152,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     val_every: int = 5000
-    val_steps: int = 16  # sampler steps during validation
+    val_steps: int = 16  # sampler steps during validation (a distillation student uses its flow.steps)
     ckpt_every: int = 5000
     keep_last: int = 3  # newest checkpoints kept, besides the best by validation LSD
     compile: bool = False  # torch.compile the model

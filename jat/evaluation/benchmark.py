@@ -27,14 +27,23 @@ from jat.runtime import tune_cpu_runtime
 # --- yardsticks --------------------------------------------------------------------------------
 
 
-def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Fastest of `repeats` timed calls after `warmup` untimed ones (seconds)."""
-    for _ in range(warmup):
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1,
+              device: str | torch.device = "cpu") -> float:
+    """Fastest of `repeats` timed calls after `warmup` untimed ones (seconds); on a GPU `device` each
+    call is timed until the device has finished its work."""
+    device = torch.device(device)
+
+    def call() -> None:
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        call()
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - tic)
     return min(times)
 
@@ -43,17 +52,10 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 3072, 4096),
                 device: str | torch.device = "cpu") -> float:
     """Achieved FLOP/s of large square matmuls, the best over a few sizes: this device's practical peak
     (on a GPU each timed call waits for the device)."""
-    device = torch.device(device)
-
-    def product(a: torch.Tensor, b: torch.Tensor) -> None:
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     best = 0.0
     for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-        best = max(best, 2 * n**3 / best_time(lambda: product(a, b), repeats))  # noqa: B023
+        best = max(best, 2 * n**3 / best_time(lambda: a @ b, repeats, device=device))  # noqa: B023
     return best
 
 

@@ -50,14 +50,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _sync_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    def run():
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return best_time(run, repeats, warmup=0)
-
-
 @torch.no_grad()
 def codec_speed(seconds: float = 10.0, device: str | torch.device = "cpu", repeats: int = 1,
                 impls: tuple[str, ...] = tuple(IMPLS), model=None) -> list[dict]:
@@ -87,7 +79,7 @@ def codec_speed(seconds: float = 10.0, device: str | torch.device = "cpu", repea
         for name, codec in codecs.items():
             if op == "encode":
                 codec.encode(audio[..., : 8 * codec.hop])  # warm-up
-                t = _sync_time(lambda c=codec: c.encode(audio), device, repeats)
+                t = best_time(lambda c=codec: c.encode(audio), repeats, warmup=0, device=device)
                 z_e = codec.model.encoder(probe)  # [1, C, T'] continuous encoder output
                 codes = codec.encode_codes(probe)  # [1, Q, T']
                 ref.setdefault("z_e", z_e)
@@ -96,7 +88,7 @@ def codec_speed(seconds: float = 10.0, device: str | torch.device = "cpu", repea
                          "codes_agree": float((codes == ref["codes"]).float().mean())}
             else:
                 codec.decode(z[..., :8])  # warm-up
-                t = _sync_time(lambda c=codec: c.decode(z, L), device, repeats)
+                t = best_time(lambda c=codec: c.decode(z, L), repeats, warmup=0, device=device)
                 y = codec.decode(z, L)  # [1, 1, L]
                 ref.setdefault("y", y)
                 extra = {"rel_err": _rel(y, ref["y"])}

@@ -76,7 +76,9 @@ class Validator:
         for path in list_audio_files(cfg.data.val)[: cfg.data.val_clips]:
             hr = load_audio(path, SAMPLE_RATE, mono=True)[:, :seg]  # [1, L]
             clips.append(make_clip(Path(path).stem, hr, cfg.data.val_cutoff))
-        return cls(clips, steps=cfg.train.val_steps, seed=cfg.train.seed,
+        # a few-step student is scored as it samples (flow.steps, in its trained budgets), not at val_steps
+        steps = cfg.flow.steps if cfg.distill.teacher else cfg.train.val_steps
+        return cls(clips, steps=steps, seed=cfg.train.seed,
                    window_seconds=cfg.data.segment_seconds)
 
     def __call__(self, model, latents: LatentSpace, flow: FlowMatching, writer=None, step: int = 0,
