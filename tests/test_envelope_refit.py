@@ -131,3 +131,33 @@ def test_fit_envelope_with_a_new_head_shape(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in dit.items())
     with pytest.raises(ValueError, match="envelope_hidden"):
         fit_envelope(base, shards, tmp_path / "bad", steps=1, hidden=0)
+
+
+def test_fit_envelope_to_lognormal_keeps_the_trained_head_and_learns_the_spread(tmp_path):
+    """--target lognormal on a head trained without a spread: the trained layers and level outputs carry
+    over (the first step at a vanishing rate changes nothing), the spread outputs are added, and fitted
+    they learn what the condition leaves open: LOUD and QUIET rows look alike, so log σ's variance is
+    about ((log LOUD - log QUIET) / 2)² = 1.33, where an untrained spread says 0.25."""
+    base, _ = write_checkpoint(tmp_path / "base")
+    shards = write_shard(tmp_path / "latents")
+    trained = fit_envelope(base, shards, tmp_path / "log", target="log", steps=300, batch_size=8, lr=1e-2)
+    level, _ = head_log_sigma(trained)
+    carried = fit_envelope(trained, shards, tmp_path / "carry", target="lognormal", steps=1, lr=1e-30,
+                           aim=0.0)
+    model, cfg, _ = load_model(carried)
+    assert cfg.model.envelope_spread and (cfg.flow.envelope_target, cfg.flow.envelope_aim) == ("lognormal", 0)
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(1, C, T, generator=g).sign()
+    c[:, C // 2:] = 0
+    with torch.no_grad():
+        env = model.envelope(c)[0]  # [2E, T]
+    prior = FlowMatching(cfg.flow).band_prior(c, None)[1][0]
+    torch.testing.assert_close(env[:4] + prior, level, atol=1e-5, rtol=0)
+    assert float(env[4:].abs().max()) < 1e-6
+    fitted = fit_envelope(trained, shards, tmp_path / "fit", target="lognormal", steps=800, batch_size=8,
+                          lr=1e-2)
+    model, cfg, _ = load_model(fitted)
+    with torch.no_grad():
+        env = model.envelope(c)[0]
+    v = torch.exp(2 * (env[6:] + math.log(0.5)))  # the two empty bands' variance of log σ
+    assert 0.6 < float(v.median()) < 2.5

@@ -399,3 +399,53 @@ def test_band_prior_level_follows_the_conditions_top_octave():
     # a condition that carries nothing (dropout: all zeros) expects the training set's average level
     _, level0 = fm.band_prior(torch.zeros(1, C, T), None)
     assert float(level0.abs().max()) == 0.0
+
+
+def test_lognormal_envelope_learns_the_spread_and_samples_between_typical_and_mean():
+    """flow.envelope_target=lognormal: μ and the log spread s fitted by the Gaussian likelihood of
+    log(m) / 2 over two equally likely bands 20 dB apart come out at the mean of their log levels and at
+    their variance (Δ/2)², and the band is generated at μ + aim·v (aim 0: the typical level, as "log")."""
+    fm = band_flow(envelope_target="lognormal", envelope_aim=0.5)
+    C, T, E = 8, 30, 2
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, C, T, generator=g)
+    x[:, 4:] *= 0.1
+    c = x.clone()
+    c[:, 4:] = 0
+    xs, cs = torch.cat([x, x]).clone(), torch.cat([c, c])
+    xs[1, 4:] *= 0.1
+    env = torch.zeros(1, 2 * E, T, requires_grad=True)
+    opt = torch.optim.Adam([env], lr=0.05)
+    for _ in range(1500):
+        opt.zero_grad()
+        fm.envelope_error(env.expand(2, -1, -1), xs, cs, None).mean().backward()
+        opt.step()
+    prior = fm.band_prior(cs[:1], None)[1][0, 0]  # [T]
+    ms = F.adaptive_avg_pool1d(xs.square().transpose(1, 2), E).transpose(1, 2)[:, 1] + 1e-4  # [2, T]
+    y = 0.5 * torch.log(ms)  # [2, T] each band's log σ
+    mu = env.detach()[0, 1] + prior
+    torch.testing.assert_close(mu, y.mean(0), atol=2e-3, rtol=0)
+    v = torch.exp(2 * (env.detach()[0, E + 1] + math.log(0.5)))
+    torch.testing.assert_close(v, ((y[0] - y[1]) / 2).square(), rtol=2e-2, atol=0)
+    level = fm.envelope_level(env.detach())  # [1, E, T]
+    spread = torch.exp(2 * (env.detach()[:, E:] + math.log(0.5)))
+    torch.testing.assert_close(level, env.detach()[:, :E] + 0.5 * spread)
+    assert fm.envelope_level(torch.zeros(1, 0, T)).shape == (1, 0, T)
+
+
+def test_lognormal_target_gives_the_head_its_spread_channels():
+    from jat.config import Config, ConfigError
+
+    band = {"model": {"preset": "tiny", "envelope_bands": 4}, "flow": {"precondition": "band"}}
+    cfg = Config.from_dict({**band, "flow": {"precondition": "band", "envelope_target": "lognormal"}})
+    assert cfg.model.envelope_spread  # follows from the target, written once
+    model = JaT(cfg.model)
+    c = torch.randn(2, cfg.model.in_channels, 12)
+    assert model(torch.randn_like(c), torch.rand(2), c).shape == (2, cfg.model.in_channels + 8, 12)
+    with pytest.raises(ConfigError, match="model.envelope_spread: follows from flow.envelope_target"):
+        Config.from_dict({**band, "model": {"preset": "tiny", "envelope_bands": 4, "envelope_spread": True}})
+    with pytest.raises(ConfigError, match="flow.envelope_target: lognormal needs an envelope head"):
+        Config.from_dict({"model": {"preset": "tiny"}, "flow": {"envelope_target": "lognormal"}})
+    with pytest.raises(ConfigError, match=r"flow.envelope_aim: must be in \[0, 1\]"):
+        Config.from_dict({**band, "flow": {"precondition": "band", "envelope_target": "lognormal",
+                                           "envelope_aim": 1.5}})

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                          "mp3-128+noise-40); recorded in the JSON")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--envelope-aim", type=float, default=None,
+                    help="a lognormal envelope's level: 0 typical .. 1 mean power (flow.envelope_aim)")
     ap.add_argument("--max-seconds", type=float, default=None, help="score only the start of each file")
     ap.add_argument("--max-files", type=int, default=None, help="at most this many files per --data entry, "
                     "evenly spread through it")
@@ -90,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         up = Upsampler.from_checkpoint(resolve_checkpoint(args.checkpoint), device=device,
                                        adapter=args.adapter)
+        if args.envelope_aim is not None:
+            if up.cfg.flow.envelope_target != "lognormal" or not 0 <= args.envelope_aim <= 1:
+                raise ValueError(f"--envelope-aim {args.envelope_aim:g}: needs a checkpoint trained with "
+                                 "flow.envelope_target lognormal and a value in [0, 1]")
+            up.flow.cfg.envelope_aim = args.envelope_aim
         files, categories = data_sets(args.data, args.max_files)
         eval_degradation(args.degradation, 8000.0, 1.0)  # a bad spec is a usage error
     except (CheckpointError, ConfigError, AudioError, ValueError) as exc:

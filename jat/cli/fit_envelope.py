@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--latents", required=True, help="pre-encoded pairs (scripts/precompute_latents.py)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--target", choices=("power", "log"), default="log")
+    ap.add_argument("--target", choices=("power", "log", "lognormal"), default="log")
+    ap.add_argument("--aim", type=float, default=None,
+                    help="lognormal: flow.envelope_aim, 0 the typical level .. 1 the mean power "
+                         "(default: the config's)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = fit_envelope(args.checkpoint, args.latents, args.out, target=args.target, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           hidden=args.hidden, dilations=args.dilations,
+                           hidden=args.hidden, dilations=args.dilations, aim=args.aim,
                            progress=lambda s, loss: print(f"step {s}: envelope loss {loss:.4f}", flush=True))
     except (CheckpointError, ShardError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

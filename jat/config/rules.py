@@ -29,7 +29,7 @@ _RULES = {
     "in [0, 1)": "flow.cond_dropout optim.betas train.ema_decay lora.dropout",
     "in (0, 1)": "flow.t_eps",
     "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio data.noise_prob data.codec_prob "
-                 "data.holes_prob",
+                 "data.holes_prob flow.envelope_aim",
     "in (0, 1]": "codec.mdct_compression flow.sigma_min lora.select_fraction",
     # Hz, below Nyquist: SAMPLE_RATE / 2 (jat.codecs.base), which tests/test_config.py checks this matches
     "in (0, 22050)": "data.cutoff_min data.cutoff_max data.val_cutoff",
@@ -101,6 +101,11 @@ def validate(cfg: Config, source: str) -> None:
           f"must be <= 700, got {f.u_shape_a}")
     check(len(f.cfg_interval) == 2 and f.cfg_interval[0] <= f.cfg_interval[1],
           "flow.cfg_interval", f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {_show(f.cfg_interval)}")
+
+    check(not m.envelope_spread or f.envelope_target == "lognormal", "model.envelope_spread",
+          "follows from flow.envelope_target: lognormal (which alone trains the spread); not set by hand")
+    check(f.envelope_target != "lognormal" or m.envelope_bands > 0, "flow.envelope_target",
+          "lognormal needs an envelope head (model.envelope_bands > 0)")
 
     from jat.codecs.base import HOP, SAMPLE_RATE
 

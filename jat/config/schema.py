@@ -39,6 +39,9 @@ class ModelConfig:
     # dilation of each kernel-5 temporal convolution of the envelope head; its receptive field is
     # 1 + 4 * sum(dilations) latent frames (11.6 ms each): [1, 1] sees 9 frames, [1, 2, 4, 8] 61 (0.7 s)
     envelope_dilations: list[int] = field(default_factory=lambda: [1, 1])
+    # the envelope head also predicts the spread of each band's log-level (E more output channels); set
+    # by flow.envelope_target: lognormal, which is the one thing that trains them (not set by hand)
+    envelope_spread: bool = False
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -71,8 +74,12 @@ class FlowConfig:
     envelope_loss: float = 1.0  # "band": weight of the envelope likelihood (flow.envelope_error); 0: none
     # "band": what the envelope aims at per frame and band: "power", the likelihood of the band power (its
     # mean under uncertainty), or "log", a squared error of log σ against half the log band power (its
-    # typical, geometric-mean level: what log-spectral errors reward; docs/quality.md "Envelope target")
-    envelope_target: Literal["power", "log"] = "power"
+    # typical, geometric-mean level: what log-spectral errors reward; docs/quality.md "Envelope target"), or
+    # "lognormal", a Gaussian likelihood of the log level with a predicted spread, sampled at envelope_aim
+    envelope_target: Literal["power", "log", "lognormal"] = "power"
+    # "lognormal": where the generated band's level sits between the band's typical level (0, as "log")
+    # and its mean power under the predicted spread (1, as "power"); read at training and sampling alike
+    envelope_aim: float = 1.0
 
 
 @dataclass
@@ -221,6 +228,8 @@ class Config:
 
         cfg = _build(cls, _apply_presets(data, source), "", source)
         validate(cfg, source)
+        if cfg.flow.envelope_target == "lognormal":  # the head's spread channels follow from the target
+            cfg.model.envelope_spread = True
         if cfg.distill.teacher and not cfg.train.init_from:  # a student starts as its teacher
             cfg.train.init_from = cfg.distill.teacher
         object.__setattr__(cfg, "source", source)  # where it came from, for later error messages

@@ -166,22 +166,24 @@ class EnvelopeHead(nn.Module):
     U-shaped t distribution pinned down (mid-t samples then came out 30 dB too loud). Input: the
     condition's log-RMS per frame on `IN_BANDS` equal bands of channels [B, IN_BANDS, T], plus its
     mean over the segment; temporal convolutions of kernel 5 with the given dilations (GELU after
-    each); a zero-initialised 1x1 output (e = 0 at start).
+    each); a zero-initialised 1x1 output (e = 0 at start). With `spread` it returns 2E channels: the E
+    log-levels, then E log-spreads of them (`FlowMatching.envelope_level`, flow.envelope_target lognormal).
     """
 
     IN_BANDS = 64
     KERNEL = 5
 
-    def __init__(self, channels: int, bands: int, hidden: int = 128, dilations: Sequence[int] = (1, 1)):
+    def __init__(self, channels: int, bands: int, hidden: int = 128, dilations: Sequence[int] = (1, 1),
+                 spread: bool = False):
         super().__init__()
-        self.channels, self.bands = channels, bands
+        self.channels, self.bands, self.spread = channels, bands, spread
         layers: list[nn.Module] = []
         width = 2 * self.IN_BANDS
         for d in dilations:
             layers += [nn.Conv1d(width, hidden, self.KERNEL, padding=d * (self.KERNEL // 2), dilation=d),
                        nn.GELU()]
             width = hidden
-        layers.append(nn.Conv1d(width, bands, 1))
+        layers.append(nn.Conv1d(width, 2 * bands if spread else bands, 1))
         self.net = nn.Sequential(*layers)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
@@ -195,7 +197,7 @@ class EnvelopeHead(nn.Module):
         else:
             m = mask[:, None].to(feat.dtype)  # [B, 1, T]
             mean = (feat * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)
-        return self.net(torch.cat([feat, mean.expand_as(feat)], 1))  # [B, E, T]
+        return self.net(torch.cat([feat, mean.expand_as(feat)], 1))  # [B, E (x 2 with spread), T]
 
 
 class FinalLayer(nn.Module):
@@ -230,8 +232,8 @@ class JaT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(d, c * p)
         # envelope_bands > 0: a per-frame log-envelope for flow.precondition=band, from c alone
-        self.envelope = (EnvelopeHead(c, cfg.envelope_bands, cfg.envelope_hidden, cfg.envelope_dilations)
-                         if cfg.envelope_bands else None)
+        self.envelope = (EnvelopeHead(c, cfg.envelope_bands, cfg.envelope_hidden, cfg.envelope_dilations,
+                                      cfg.envelope_spread) if cfg.envelope_bands else None)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -256,9 +258,9 @@ class JaT(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x_t, c: [B, C, T]; t: [B] in [0, 1]; mask: optional [B, T] bool of valid frames.
 
-        Returns x̂ [B, C, T] (with `envelope_bands` E > 0: [B, C + E, T], the E log-envelope channels
-        last, read by FlowMatching.predict_x). Padded frames (mask False) are hidden from attention
-        when a whole token is padding.
+        Returns x̂ [B, C, T] (with `envelope_bands` E > 0: [B, C + E, T], C + 2E with a spread, the
+        envelope channels last, read by FlowMatching.predict_x). Padded frames (mask False) are hidden
+        from attention when a whole token is padding.
         """
         p = self.cfg.patch_size
         T = x_t.shape[-1]
@@ -290,7 +292,7 @@ class JaT(nn.Module):
         out = rearrange(out, "b n (c p) -> b c (n p)", p=p)[..., :T]  # [B, C, T]
         if self.envelope is None:
             return out
-        return torch.cat([out, self.envelope(c, mask).to(out.dtype)], 1)  # [B, C + E, T]
+        return torch.cat([out, self.envelope(c, mask).to(out.dtype)], 1)  # [B, C + E (or 2E), T]
 
 
 def parameter_breakdown(model: JaT) -> dict[str, int]:

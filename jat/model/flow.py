@@ -44,6 +44,10 @@ import torch.nn.functional as F
 from jat.config import FlowConfig
 
 ENV_LOG_RANGE = 7.0  # |predicted log-envelope| is clamped here: a factor of e^7 ≈ 1100 either way
+# "lognormal": the spread channel s gives the standard deviation exp(s + SPREAD_OFFSET) of log σ; the offset
+# starts a zero-initialised head at 0.5 (4.3 dB), the order of the frame-to-frame spread left open
+SPREAD_OFFSET = math.log(0.5)
+SPREAD_LOG_RANGE = (-5.0, 1.0)  # clamp of log std(log σ): e^-5 ≈ 0.04 dB-scale certainty .. e ≈ 24 dB
 
 
 class Denoiser(Protocol):
@@ -165,13 +169,27 @@ class FlowMatching:
         if self.cfg.precondition == "none":
             return (out, None) if return_envelope else out
         F_, env = out[:, :C], out[:, C:]  # [B, C, T], [B, bands, T]
-        sigma = self.residual_scale(c, mask, env.detach() if detach_envelope else env)  # [B, C, T]
+        level = self.envelope_level(env.detach() if detach_envelope else env)  # [B, bands, T]
+        sigma = self.residual_scale(c, mask, level)  # [B, C, T]
         tb = t.view(-1, 1, 1).to(z.dtype)
         var = (tb * sigma).square() + (1 - tb).square()
         skip = tb * sigma.square() / var
         scale = (1 - tb) * sigma * var.rsqrt()
         x_hat = torch.addcmul(c + skip * (z - tb * c), scale, F_)
         return (x_hat, env) if return_envelope else x_hat
+
+    def envelope_level(self, env: torch.Tensor) -> torch.Tensor:
+        """The log-envelope [B, E, T] at which the band is generated, from the head's output env.
+
+        With `flow.envelope_target: lognormal` env [B, 2E, T] holds the mean μ of log σ and its log spread
+        s: log σ ~ N(μ, v), v = exp(2(s + SPREAD_OFFSET)), so the band power σ² has typical level exp(2μ)
+        and mean exp(2μ + 2v); the band is generated at μ + aim·v (`flow.envelope_aim`: 0 the typical
+        level, 1 the mean power). Otherwise env is the log-envelope itself."""
+        if self.cfg.envelope_target != "lognormal" or env.shape[1] == 0:
+            return env
+        mu, s = env.chunk(2, dim=1)  # [B, E, T] each
+        v = torch.exp(2 * (s + SPREAD_OFFSET).clamp(*SPREAD_LOG_RANGE))
+        return mu + self.cfg.envelope_aim * v
 
     def envelope_error(self, env: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:
@@ -190,12 +208,24 @@ class FlowMatching:
         (zero at e = log(m) / 2) and curvature: under uncertainty it aims at E[log m | c] / 2, the
         band's typical level, which sits below its mean power by the spread of what the condition
         leaves open (6-10 dB per frame on held-out audio, docs/quality.md "Envelope target").
+
+        With `lognormal` (env [B, 2E, T]: μ and the log spread s, `envelope_level`) it is the Gaussian
+        negative log-likelihood of log(m) / 2 under N(level + μ, v): (e - log(m) / 2)² / (2v) + log √v,
+        v = exp(2(s + SPREAD_OFFSET)). μ still aims at the typical level; v learns how far the condition
+        leaves it open, which is what lets sampling aim between the typical level and the mean power.
+        It is not shifted to be >= 0 (its minimum over v depends on the error).
         """
+        spread = None
+        if self.cfg.envelope_target == "lognormal":
+            env, spread = env.chunk(2, dim=1)  # [B, E, T] each
         E = env.shape[1]
         absent, level = self.band_prior(c, mask)  # [B, C, 1], [B, 1, T]
         e = (level + env).clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE)  # [B, E, T] log σ of the generated band
         m = F.adaptive_avg_pool1d(x.square().transpose(1, 2), E).transpose(1, 2) + 1e-4  # [B, E, T]
-        if self.cfg.envelope_target == "log":  # (e - log(m) / 2)²: the minimiser is E[log m | c] / 2
+        if spread is not None:  # Gaussian likelihood of log(m) / 2 with mean e and log std s + offset
+            log_std = (spread + SPREAD_OFFSET).clamp(*SPREAD_LOG_RANGE)  # [B, E, T]
+            nll = 0.5 * (e - 0.5 * torch.log(m)).square() * torch.exp(-2 * log_std) + log_std
+        elif self.cfg.envelope_target == "log":  # (e - log(m) / 2)²: the minimiser is E[log m | c] / 2
             nll = (e - 0.5 * torch.log(m)).square()  # [B, E, T]
         else:
             nll = e + 0.5 * m * torch.exp(-2 * e) - 0.5 * (torch.log(m) + 1)  # [B, E, T]

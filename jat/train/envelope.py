@@ -26,13 +26,29 @@ from jat.model.dit import EnvelopeHead
 from jat.model.flow import FlowMatching
 
 
+def _carry_head(old: EnvelopeHead, new: EnvelopeHead) -> None:
+    """Copy `old`'s weights into `new`, a head of the same shape but for the spread channels: the log-level
+    outputs (the first E) and every hidden layer are kept; spread outputs start at zero."""
+    E = old.bands
+    with torch.no_grad():
+        for w_new, w_old in zip(new.net.state_dict().values(), old.net.state_dict().values(), strict=True):
+            if w_new.shape == w_old.shape:
+                w_new.copy_(w_old)
+            else:  # the 1x1 output convolution: [E or 2E, hidden, 1] / [E or 2E]
+                w_new.zero_()
+                w_new[:E].copy_(w_old[:E])
+
+
 def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *, target: str = "log",
                  steps: int = 1500, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
                  hidden: int | None = None, dilations: Sequence[int] | None = None,
+                 aim: float | None = None,
                  progress: Callable[[int, float], None] | None = None) -> Path:
     """Fit `checkpoint`'s envelope head on the pre-encoded pairs in `latents` with envelope target
-    `target` ('power' or 'log'); write `out/weights.safetensors` (EMA and raw weights both carry the new
-    head; everything else, the latent statistics included, is copied) with flow.envelope_target set.
+    `target` ('power', 'log' or 'lognormal', sampled at flow.envelope_aim = `aim` when given); write
+    `out/weights.safetensors` (EMA and raw weights both carry the new head; everything else, the latent
+    statistics included, is copied) with flow.envelope_target set. Switching to or from 'lognormal' keeps
+    the trained head and adds (or drops) its spread outputs.
 
     `hidden` / `dilations` (model.envelope_hidden / model.envelope_dilations): when either differs from
     the checkpoint's, the head is replaced by a new one of that shape (initialised from `seed`, output
@@ -47,23 +63,29 @@ def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *
                          "(needs flow.precondition band and model.envelope_bands > 0)")
     if cfg.lora.mode != "none":
         raise ValueError(f"{checkpoint}: a LoRA checkpoint; merge it first (scripts/merge_lora.py)")
-    if target not in ("power", "log"):
-        raise ValueError(f"unknown envelope target '{target}' (power or log)")
+    if target not in ("power", "log", "lognormal"):
+        raise ValueError(f"unknown envelope target '{target}' (power, log or lognormal)")
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ValueError("steps and batch_size must be >= 1 and lr > 0")
     model, cfg, base = load.load_model(checkpoint, ema=True)
     space = load.latent_space(base, cfg)
     cfg.flow.envelope_target = target
+    if aim is not None:
+        cfg.flow.envelope_aim = float(aim)
     flow = FlowMatching(cfg.flow)
     trained = dict(envelope_hidden=cfg.model.envelope_hidden, envelope_dilations=cfg.model.envelope_dilations)
     shape = dict(envelope_hidden=trained["envelope_hidden"] if hidden is None else int(hidden),
                  envelope_dilations=list(trained["envelope_dilations"] if dilations is None else dilations))
-    if shape != trained:
-        cfg.model = dataclasses.replace(cfg.model, **shape)
+    spread = target == "lognormal"
+    if shape != trained or spread != cfg.model.envelope_spread:
+        old = model.envelope
+        cfg.model = dataclasses.replace(cfg.model, **shape, envelope_spread=spread)
         validate(cfg, f"{checkpoint}: envelope head")
         torch.manual_seed(seed)
-        model.envelope = EnvelopeHead(model.envelope.channels, cfg.model.envelope_bands,
-                                      cfg.model.envelope_hidden, cfg.model.envelope_dilations)
+        model.envelope = EnvelopeHead(old.channels, cfg.model.envelope_bands, cfg.model.envelope_hidden,
+                                      cfg.model.envelope_dilations, spread)
+        if shape == trained:  # the same head with spread channels added or dropped: keep what it learned
+            _carry_head(old, model.envelope)
     head = model.envelope.train()
     data = LatentShardDataset(latents, segment_frames=latent_frames(cfg.data.segment_seconds), seed=seed)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
@@ -95,6 +117,7 @@ def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *
     step0 = int(ckpt.read_metadata(base).get("step", 0))
     meta = {"envelope_refit": json.dumps({"base": str(base), "target": target, "steps": steps,
                                           "batch_size": batch_size, "lr": lr, "seed": seed, **shape,
+                                          "aim": cfg.flow.envelope_aim,
                                           "latents": str(latents)})}
     out = Path(out)
     write_atomic(out / "weights.safetensors",
