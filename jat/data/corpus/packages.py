@@ -74,6 +74,8 @@ PACKAGES: tuple[Package, ...] = (
         ("*", "effects"),
     )),
     Package("sound-theme-freedesktop", "train", (("*", "effects"),)),  # .oga files
+    # spoken letters and syllables, 20 languages (KDE's KLettres): recorded speech beside game voices
+    Package("klettres-data", "train", (("usr/share/klettres/*.ogg", "speech"),)),  # 46 min, capped at 30
     # held out
     Package("ktuberling-data", "heldout", (("usr/share/ktuberling/sounds/*", "speech"),)),  # ~22 min
     Package("drascula-music", "heldout", (("*", "music"),)),  # 164 min: the cap matters
