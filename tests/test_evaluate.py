@@ -172,9 +172,18 @@ def test_oracle_scores_near_zero_and_baselines_do_not(tmp_path):
     assert agg["all"]["lsd_sinc"] == pytest.approx(np.mean([r["lsd_sinc"] for r in result["rows"]]))
     assert agg["speech@4000"]["lsd_hf_fill"] == by_cut[4000.0]["lsd_hf_fill"]
     assert result["protocol"]["filter"] == "butter" and result["protocol"]["cutoffs"] == [4000.0, 8000.0]
+    medians = result["octave_medians"]  # octaves line up within one cutoff only
+    assert set(medians) == {"4000", "8000", "speech@4000", "speech@8000", "music@4000", "music@8000"}
+    assert medians["4000"]["n"] == 2 and len(medians["4000"]["model"]) == 3
+    assert len(medians["8000"]["fill"]) == 2
+    assert np.abs(medians["8000"]["model"]).max() < 0.05  # the oracle's energy is right in every octave
+    rows4k = [r for r in result["rows"] if r["cutoff"] == 4000]
+    assert medians["4000"]["fill"] == pytest.approx(np.median([r["octaves"]["fill"] for r in rows4k], axis=0))
     table = markdown_table(result).splitlines()
     assert table[0] == "| group | n | metric | model | sinc | noise fill |"
-    assert len(table) == 2 + 5 * len(agg)
+    assert len(table) == 2 + 5 * len(agg) + 5 + len(medians)
+    assert table[2 + 5 * len(agg) + 5].startswith("| 4000 | 2 | ")
+    assert table[-1].startswith("| music@8000 | 1 |") and table[-1].endswith("| 2 of 2 |")
     lf = next(line for line in table if line.startswith("| speech@8000 | 1 | LSD-LF (no LFR) |"))
     assert float(lf.split("|")[4]) == pytest.approx(0.0, abs=1e-3)
     with pytest.raises(ValueError, match="categories"):
@@ -210,7 +219,9 @@ def test_script_writes_json_and_table_and_lists_bad_files(tmp_path, data, checkp
     table = out.with_suffix(".md").read_text()
     assert table == markdown_table(result) + "\n"
     assert table in proc.stdout
-    assert {line.split("|")[1].strip() for line in table.splitlines()[2:]} == {"all", "4000", "8000"}
+    metric_lines = table.split("\n\n")[0].splitlines()[2:]
+    assert {line.split("|")[1].strip() for line in metric_lines} == {"all", "4000", "8000"}
+    assert "| 8000 | 2 | " in table  # and the per-octave medians of each cutoff
 
 
 def test_max_files_spreads_evenly_through_each_entry():
