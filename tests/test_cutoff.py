@@ -153,3 +153,17 @@ def test_estimate_band_logs_and_estimate_cutoff_agrees(caplog):
     assert est.cutoff == pytest.approx(7000.0, rel=0.03)
     assert estimate_cutoff(lr, SR) == est.cutoff
     assert any("band limit" in r.getMessage() and "confidence" in r.getMessage() for r in caplog.records)
+
+
+def test_window_medians_equal_numpy_medians_of_each_window():
+    """The one-sort medians are np.median's, bit for bit: odd and even windows, ties, one bin, growing
+    windows as the pass band's third octave gives them and arbitrary ones."""
+    from jat.infer.band import window_medians
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 300, 2049):
+        for x in (rng.normal(size=n), rng.integers(0, 4, size=n).astype(float)):  # ties too
+            freqs = np.arange(n) * 10.77
+            for lo in (np.searchsorted(freqs, freqs * 2 ** (-1 / 3)), rng.integers(0, np.arange(n) + 1)):
+                want = np.array([np.median(x[lo[i] : i + 1]) for i in range(n)])
+                assert np.array_equal(window_medians(x, lo), want)

@@ -110,7 +110,7 @@ def band_edge(
     n = len(freqs)
     above = np.maximum.accumulate(base[::-1])[::-1]  # [F] highest base level at or above each bin
     lo = np.searchsorted(freqs, freqs * 2**-PASS_OCTAVES)  # [F]
-    passband = np.array([np.median(base[lo[i] : i + 1]) for i in range(n)])  # [F]
+    passband = window_medians(base, lo)  # [F] the median of base[lo[i] : i + 1]
     stop_at = np.minimum(np.searchsorted(freqs, freqs * 2**STOP_OCTAVES), n - 1)  # [F]
     drop = passband - above[stop_at]  # [F] dB
     valid = (freqs >= min_freq) & (base > floor)
@@ -140,6 +140,19 @@ def band_edge(
     else:
         cutoff = _crossing(freqs, level, ref - 3.0, k)
     return BandEstimate(min(cutoff, sr / 2), fall, _confidence(fall), False)
+
+
+def window_medians(x: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """np.median(x[lo[i] : i + 1]) for every i of x [F] (lo [F], lo[i] <= i), in one sort: the windows
+    as rows padded with +inf, sorted, and their middle elements read (a loop of np.median calls was
+    two thirds of the cutoff estimate's time)."""
+    n = len(x)
+    i = np.arange(n)
+    length = i - lo + 1  # [F]
+    cols = lo[:, None] + np.arange(int(length.max()))[None, :]  # [F, W]
+    rows = np.where(cols <= i[:, None], x[np.minimum(cols, n - 1)], np.inf)  # [F, W]
+    rows.sort(axis=1)
+    return (rows[i, (length - 1) // 2] + rows[i, length // 2]) / 2  # [F]
 
 
 def _crossing(freqs: np.ndarray, level: np.ndarray, target: float, last: int) -> float:
