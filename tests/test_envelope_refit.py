@@ -107,17 +107,20 @@ def test_fit_envelope_script_and_refusals(tmp_path):
 
 
 def test_fit_envelope_with_a_new_head_shape(tmp_path):
-    """--hidden / --dilations: a new head of that shape is fitted (the same log-target optimum), the
-    checkpoint's config records it, it loads through the normal loader, and the DiT is copied."""
+    """--hidden / --dilations / --aligned: a new head of that shape is fitted (the same log-target
+    optimum), the checkpoint's config records it, it loads through the normal loader, and the DiT is
+    copied."""
     base, _ = write_checkpoint(tmp_path / "base")
     shards = write_shard(tmp_path / "latents")
     out = fit_envelope(base, shards, tmp_path / "refit", target="log", steps=800, batch_size=8, lr=1e-2,
-                       hidden=32, dilations=[1, 2, 4])
+                       hidden=32, dilations=[1, 2, 4], aligned=4)
     sigma, cfg = head_log_sigma(out)
-    assert (cfg.model.envelope_hidden, cfg.model.envelope_dilations) == (32, [1, 2, 4])
+    shape = (cfg.model.envelope_hidden, cfg.model.envelope_dilations, cfg.model.envelope_aligned)
+    assert shape == (32, [1, 2, 4], 4)
     model, _, _ = load_model(out)
     convs = [m for m in model.envelope.net if isinstance(m, torch.nn.Conv1d)]
     assert [(m.out_channels, m.dilation[0]) for m in convs] == [(32, 1), (32, 2), (32, 4), (4, 1)]
+    assert convs[0].in_channels == 2 * 64 + 2 * 4 + 1  # the bands, their means, the aligned view and place
     want = 0.5 * (math.log(LOUD ** 2 + 1e-4) + math.log(QUIET ** 2 + 1e-4)) / 2
     # a fresh, deeper head ends near the optimum of its last batches rather than of the whole set: 8 rows
     # drawn with replacement put a batch's optimum at -1.15 +- 2.30 x 0.5 / sqrt(8) = +-0.41 (the two half

@@ -133,3 +133,36 @@ def test_rope_apply_equals_pairwise_rotation_in_bf16_too():
     assert yb.dtype == torch.bfloat16
     assert (yb.float() - expect.flatten(-2)).abs().max() < 0.05
 
+
+
+def test_aligned_envelope_view_is_the_same_at_every_cutoff():
+    """model.envelope_aligned: the K bands at and below the condition's band edge, whatever the edge is.
+    Two conditions whose top K carried bands hold the same frames but whose edges differ (bands 19 and 37)
+    give the same output once the head's weights on the absolute bands and on the edge's place are
+    zeroed; with those weights the place still tells them apart. Padding does not move the edge, and a
+    silent condition reads edge 0."""
+    from jat.model.dit import EnvelopeHead
+
+    K, T, per = 6, 40, 512 // EnvelopeHead.IN_BANDS  # 8 channels per input band
+    torch.manual_seed(0)
+    head = EnvelopeHead(512, 16, hidden=32, aligned=K)
+    torch.nn.init.normal_(head.net[-1].weight)
+    top = torch.randn(K * per, T)  # the K bands below the edge, lowest first
+    top[-per:] *= 0.25  # the edge band just carried: power 0.0625 against CARRIED_RMS² = 0.04
+    low, high = torch.zeros(1, 512, T), torch.zeros(1, 512, T)
+    low[0, (20 - K) * per : 20 * per] = top  # edge: band 19
+    high[0, (38 - K) * per : 38 * per] = top  # edge: band 37
+    high[0, :per] = 0.05  # an uncarried band (RMS below CARRIED_RMS) does not count as carried
+    assert not torch.allclose(head(low), head(high))  # the absolute bands and the place differ
+    first = head.net[0]
+    with torch.no_grad():
+        first.weight[:, : 2 * EnvelopeHead.IN_BANDS] = 0  # absolute bands and their means
+        first.weight[:, -1] = 0  # the edge's place
+    torch.testing.assert_close(head(low), head(high), rtol=0, atol=1e-6)
+    assert first.in_channels == 2 * EnvelopeHead.IN_BANDS + 2 * K + 1
+    padded = torch.cat([low, torch.zeros(1, 512, 60)], -1)  # unmasked, the edge band's power would be 0.025
+    mask = torch.arange(T + 60)[None] < T
+    edge_frames = T - 4  # the last 4 frames' convolutions reach into the padding (9-frame field)
+    torch.testing.assert_close(head(padded, mask)[..., :edge_frames], head(low)[..., :edge_frames], rtol=0,
+                               atol=1e-6)
+    assert torch.isfinite(head(torch.zeros(1, 512, T))).all()

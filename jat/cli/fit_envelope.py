@@ -2,7 +2,7 @@
 
     jat-fit-envelope --checkpoint CKPT --latents data/corpus/latents-mdct --out DIR \
         [--target log] [--steps 1500] [--batch-size 16] [--lr 1e-3] [--seed 0] \
-        [--hidden 128] [--dilations 1 2 4 8]
+        [--hidden 128] [--dilations 1 2 4 8] [--aligned 8]
 
 The DiT is left as it is; DIR/weights.safetensors loads like any trained checkpoint, with
 flow.envelope_target set to --target.
@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="a new head of this width (model.envelope_hidden) instead of the trained one")
     ap.add_argument("--dilations", type=int, nargs="+", default=None,
                     help="a new head with these temporal dilations (model.envelope_dilations)")
+    ap.add_argument("--aligned", type=int, default=None,
+                    help="a new head that also sees this many bands below the band edge "
+                         "(model.envelope_aligned)")
     args = ap.parse_args(argv)
     try:
         out = fit_envelope(args.checkpoint, args.latents, args.out, target=args.target, steps=args.steps,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           hidden=args.hidden, dilations=args.dilations, aim=args.aim,
+                           hidden=args.hidden, dilations=args.dilations, aligned=args.aligned, aim=args.aim,
                            progress=lambda s, loss: print(f"step {s}: envelope loss {loss:.4f}", flush=True))
     except (CheckpointError, ShardError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,7 +23,8 @@ _RULES = {
             "data.val_clips "  # data.val: null turns validation off, not 0 clips
             "data.holes_max model.envelope_hidden model.envelope_dilations distill.teacher_steps "
             "distill.evaluations",
-    ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps model.envelope_bands flow.envelope_loss",
+    ">= 0": "data.num_workers optim.weight_decay optim.warmup_steps model.envelope_bands flow.envelope_loss "
+            "model.envelope_aligned",
     "> 0": "model.mlp_ratio model.rope_theta flow.u_shape_a flow.logit_normal_std codec.chunk_seconds "
            "data.segment_seconds optim.lr optim.eps optim.grad_clip lora.alpha flow.band_threshold",
     "in [0, 1)": "flow.cond_dropout optim.betas train.ema_decay lora.dropout",

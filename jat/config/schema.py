@@ -39,6 +39,9 @@ class ModelConfig:
     # dilation of each kernel-5 temporal convolution of the envelope head; its receptive field is
     # 1 + 4 * sum(dilations) latent frames (11.6 ms each): [1, 1] sees 9 frames, [1, 2, 4, 8] 61 (0.7 s)
     envelope_dilations: list[int] = field(default_factory=lambda: [1, 1])
+    # the envelope head also sees the condition's top K input bands counted down from its band edge, and
+    # where that edge is: a view that is the same at every cutoff (0: absolute bands only)
+    envelope_aligned: int = 0
     # the envelope head also predicts the spread of each band's log-level (E more output channels); set
     # by flow.envelope_target: lognormal, which is the one thing that trains them (not set by hand)
     envelope_spread: bool = False

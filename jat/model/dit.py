@@ -168,17 +168,26 @@ class EnvelopeHead(nn.Module):
     mean over the segment; temporal convolutions of kernel 5 with the given dilations (GELU after
     each); a zero-initialised 1x1 output (e = 0 at start). With `spread` it returns 2E channels: the E
     log-levels, then E log-spreads of them (`FlowMatching.envelope_level`, flow.envelope_target lognormal).
+
+    With `aligned` K > 0 it also sees the K input bands at and below the condition's band edge (the
+    highest band whose RMS over the segment reaches CARRIED_RMS), top first, with their segment means,
+    and the edge's place (edge / IN_BANDS): the same features at every cutoff, as the noise fill reads
+    the octave below the cutoff whatever it is, where the absolute bands ask the head to learn each
+    cutoff's mapping on its own (docs/quality.md "Where the error is").
     """
 
     IN_BANDS = 64
     KERNEL = 5
+    # a band is carried when its RMS reaches 2 x flow.band_threshold's default (0.1): band_prior's
+    # absent < 1/2, in normalised units
+    CARRIED_RMS = 0.2
 
     def __init__(self, channels: int, bands: int, hidden: int = 128, dilations: Sequence[int] = (1, 1),
-                 spread: bool = False):
+                 spread: bool = False, aligned: int = 0):
         super().__init__()
-        self.channels, self.bands, self.spread = channels, bands, spread
+        self.channels, self.bands, self.spread, self.aligned = channels, bands, spread, aligned
         layers: list[nn.Module] = []
-        width = 2 * self.IN_BANDS
+        width = 2 * self.IN_BANDS + (2 * aligned + 1 if aligned else 0)
         for d in dilations:
             layers += [nn.Conv1d(width, hidden, self.KERNEL, padding=d * (self.KERNEL // 2), dilation=d),
                        nn.GELU()]
@@ -192,12 +201,19 @@ class EnvelopeHead(nn.Module):
         B, C, T = c.shape
         power = F.adaptive_avg_pool1d(c.float().square().transpose(1, 2), self.IN_BANDS)  # [B, T, 64]
         feat = 0.125 * torch.log(power.transpose(1, 2) + 1e-6)  # [B, 64, T] log-RMS / 4, about [-2, 1]
-        if mask is None:
-            mean = feat.mean(-1, keepdim=True)  # [B, 64, 1]
-        else:
-            m = mask[:, None].to(feat.dtype)  # [B, 1, T]
-            mean = (feat * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)
-        return self.net(torch.cat([feat, mean.expand_as(feat)], 1))  # [B, E (x 2 with spread), T]
+        m = feat.new_ones(B, 1, T) if mask is None else mask[:, None].to(feat.dtype)  # [B, 1, T]
+        frames = m.sum(-1, keepdim=True).clamp_min(1)  # [B, 1, 1]
+        mean = (feat * m).sum(-1, keepdim=True) / frames  # [B, 64, 1]
+        parts = [feat, mean.expand_as(feat)]
+        if self.aligned:
+            seg_power = (power.transpose(1, 2) * m).sum(-1) / frames[..., 0]  # [B, 64]
+            bands = torch.arange(self.IN_BANDS, device=c.device)  # [64]
+            edge = torch.where(seg_power >= self.CARRIED_RMS**2, bands, 0).amax(1)  # [B] (0: none carried)
+            below = (edge[:, None] - torch.arange(self.aligned, device=c.device)).clamp_min(0)  # [B, K]
+            top = feat.gather(1, below[..., None].expand(B, self.aligned, T))  # [B, K, T]
+            place = (edge.to(feat.dtype) / self.IN_BANDS)[:, None, None].expand(B, 1, T)  # [B, 1, T]
+            parts += [top, mean.gather(1, below[..., None]).expand_as(top), place]
+        return self.net(torch.cat(parts, 1))  # [B, E (x 2 with spread), T]
 
 
 class FinalLayer(nn.Module):
@@ -233,7 +249,8 @@ class JaT(nn.Module):
         self.final_layer = FinalLayer(d, c * p)
         # envelope_bands > 0: a per-frame log-envelope for flow.precondition=band, from c alone
         self.envelope = (EnvelopeHead(c, cfg.envelope_bands, cfg.envelope_hidden, cfg.envelope_dilations,
-                                      cfg.envelope_spread) if cfg.envelope_bands else None)
+                                      cfg.envelope_spread, cfg.envelope_aligned)
+                         if cfg.envelope_bands else None)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

@@ -42,7 +42,7 @@ def _carry_head(old: EnvelopeHead, new: EnvelopeHead) -> None:
 def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *, target: str = "log",
                  steps: int = 1500, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
                  hidden: int | None = None, dilations: Sequence[int] | None = None,
-                 aim: float | None = None,
+                 aligned: int | None = None, aim: float | None = None,
                  progress: Callable[[int, float], None] | None = None) -> Path:
     """Fit `checkpoint`'s envelope head on the pre-encoded pairs in `latents` with envelope target
     `target` ('power', 'log' or 'lognormal', sampled at flow.envelope_aim = `aim` when given); write
@@ -50,7 +50,7 @@ def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *
     statistics included, is copied) with flow.envelope_target set. Switching to or from 'lognormal' keeps
     the trained head and adds (or drops) its spread outputs.
 
-    `hidden` / `dilations` (model.envelope_hidden / model.envelope_dilations): when either differs from
+    `hidden` / `dilations` / `aligned` (model.envelope_hidden / _dilations / _aligned): when one differs from
     the checkpoint's, the head is replaced by a new one of that shape (initialised from `seed`, output
     zero) instead of continuing from the trained head; the written config records the new shape.
 
@@ -73,9 +73,11 @@ def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *
     if aim is not None:
         cfg.flow.envelope_aim = float(aim)
     flow = FlowMatching(cfg.flow)
-    trained = dict(envelope_hidden=cfg.model.envelope_hidden, envelope_dilations=cfg.model.envelope_dilations)
+    trained = dict(envelope_hidden=cfg.model.envelope_hidden, envelope_dilations=cfg.model.envelope_dilations,
+                   envelope_aligned=cfg.model.envelope_aligned)
     shape = dict(envelope_hidden=trained["envelope_hidden"] if hidden is None else int(hidden),
-                 envelope_dilations=list(trained["envelope_dilations"] if dilations is None else dilations))
+                 envelope_dilations=list(trained["envelope_dilations"] if dilations is None else dilations),
+                 envelope_aligned=trained["envelope_aligned"] if aligned is None else int(aligned))
     spread = target == "lognormal"
     if shape != trained or spread != cfg.model.envelope_spread:
         old = model.envelope
@@ -83,7 +85,7 @@ def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *
         validate(cfg, f"{checkpoint}: envelope head")
         torch.manual_seed(seed)
         model.envelope = EnvelopeHead(old.channels, cfg.model.envelope_bands, cfg.model.envelope_hidden,
-                                      cfg.model.envelope_dilations, spread)
+                                      cfg.model.envelope_dilations, spread, cfg.model.envelope_aligned)
         if shape == trained:  # the same head with spread channels added or dropped: keep what it learned
             _carry_head(old, model.envelope)
     head = model.envelope.train()
