@@ -164,3 +164,38 @@ def test_fit_envelope_to_lognormal_keeps_the_trained_head_and_learns_the_spread(
         env = model.envelope(c)[0]
     v = torch.exp(2 * (env[6:] + math.log(0.5)))  # the two empty bands' variance of log σ
     assert 0.6 < float(v.median()) < 2.5
+
+
+def test_envelope_aim_at_inference_is_what_the_sampler_uses_and_is_refused_without_a_spread(tmp_path):
+    """Upsampler.aim_envelope (infer/evaluate --envelope-aim) sets the aim the sampler reads
+    (FlowMatching.envelope_level; tests/test_flow.py checks what each aim generates): on a lognormal
+    checkpoint two aims give other outputs from the same seed; a checkpoint without a spread, or an aim
+    outside [0, 1], is refused, and infer.py says so before any work."""
+    import soundfile as sf
+
+    from jat.data.synth import demo_clip
+    from jat.infer.upsampler import Upsampler
+
+    base, _ = write_checkpoint(tmp_path / "base")
+    lognormal = fit_envelope(base, write_shard(tmp_path / "latents"), tmp_path / "ln", target="lognormal",
+                             steps=1, lr=1e-30)
+    up = Upsampler.from_checkpoint(lognormal, device="cpu", precision="fp32")
+    audio = torch.from_numpy(demo_clip(1.0, 44100, seed=2)).float()[None]  # [1, L]
+    out = {}
+    for aim in (0.0, 1.0):
+        up.aim_envelope(aim)
+        assert up.flow.cfg.envelope_aim == aim
+        out[aim] = up.upsample(audio, 44100, cutoff=8000.0, steps=2, seed=0).audio
+    assert not torch.equal(out[0.0], out[1.0])
+    with pytest.raises(ValueError, match="envelope aim 1.5: needs a checkpoint trained with"):
+        up.aim_envelope(1.5)
+    plain = Upsampler.from_checkpoint(base, device="cpu", precision="fp32")
+    with pytest.raises(ValueError, match="flow.envelope_target lognormal"):
+        plain.aim_envelope(0.5)
+    src = tmp_path / "in.wav"
+    sf.write(src, audio[0].numpy(), 44100)
+    done = subprocess.run([sys.executable, "scripts/infer.py", str(src), "--checkpoint", str(base),
+                           "--output-dir", str(tmp_path / "out"), "--envelope-aim", "0.5", "-q"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "envelope aim 0.5: needs a checkpoint trained with" in done.stderr
+    assert not (tmp_path / "out" / "in_jat.wav").exists()

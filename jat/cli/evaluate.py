@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         up = Upsampler.from_checkpoint(resolve_checkpoint(args.checkpoint), device=device,
                                        adapter=args.adapter)
         if args.envelope_aim is not None:
-            if up.cfg.flow.envelope_target != "lognormal" or not 0 <= args.envelope_aim <= 1:
-                raise ValueError(f"--envelope-aim {args.envelope_aim:g}: needs a checkpoint trained with "
-                                 "flow.envelope_target lognormal and a value in [0, 1]")
-            up.flow.cfg.envelope_aim = args.envelope_aim
+            up.aim_envelope(args.envelope_aim)
         files, categories = data_sets(args.data, args.max_files)
         eval_degradation(args.degradation, 8000.0, 1.0)  # a bad spec is a usage error
     except (CheckpointError, ConfigError, AudioError, ValueError) as exc:

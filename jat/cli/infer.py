@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cfg", type=number(float), default=None, help="classifier-free guidance scale "
                     "(1 = off)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--envelope-aim", type=float, default=None, help="a lognormal-envelope checkpoint's "
+                    "band level: 0 its typical level .. 1 its mean power (default: flow.envelope_aim)")
     ap.add_argument("--cutoff", type=parse_cutoff, default="auto", help="input band limit in Hz, or auto")
     ap.add_argument("--no-lfr", action="store_true", help="do not keep the input's spectrum below the cutoff")
     ap.add_argument("--plot", action="store_true", help="also write name_jat.png: input and output "
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                                        force_adapter=args.force_adapter,
                                        precision=args.precision, window_seconds=args.window,
                                        overlap_seconds=args.overlap, batch_size=args.batch_size)
+        if args.envelope_aim is not None:
+            up.aim_envelope(args.envelope_aim)
     except (CheckpointError, ConfigError, RuntimeError, ValueError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -204,6 +204,15 @@ class Upsampler:
         up.cfg, up.checkpoint = cfg, Path(path)
         return up
 
+    def aim_envelope(self, aim: float) -> None:
+        """Generate the band at `aim` (flow.envelope_aim) of a checkpoint trained with flow.envelope_target
+        lognormal: 0 the band's typical level (what log-spectral distance rewards), 1 its mean power
+        (what the energy per octave measures); ValueError for another target or an aim outside [0, 1]."""
+        if self.flow.cfg.envelope_target != "lognormal" or not 0 <= aim <= 1:
+            raise ValueError(f"envelope aim {aim:g}: needs a checkpoint trained with flow.envelope_target "
+                             "lognormal and a value in [0, 1]")
+        self.flow.cfg.envelope_aim = float(aim)
+
     @classmethod
     def from_pretrained(cls, name: str | Path, revision: str | None = None, **kwargs) -> Upsampler:
         """An inference folder (`jat-export`) from the Hugging Face Hub (`org/name`, at `revision`), or a
