@@ -208,6 +208,31 @@ def test_band_skip_is_the_posterior_mean_of_the_prior():
         assert fitted == pytest.approx(float((x_hat / z).mean()), abs=5 * se)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_straight_skip_returns_the_end_of_a_straight_path_from_the_noise(steps):
+    """flow.band_skip straight (a few-step student's): with F = 0, x̂ at any point of the straight path
+    from ε to c + σε is its end, so 1, 2 or 4 Euler steps from ε land exactly there, σ set by a
+    predicted envelope too; the posterior skip returns the mean at t = 0 (c) and its 1-step sample is c,
+    with none of the band's energy: what made distilled students quiet."""
+    C, T = 3, 4096
+    g = torch.Generator().manual_seed(3)
+    c = torch.zeros(1, C, T)
+    c[:, 0] = torch.randn(T, generator=g).sign()  # channel 0 carried, 1 and 2 empty
+    eps = torch.randn(1, C, T, generator=g)
+    net = ConstantNet(C, bands=1, env=math.log(0.5))  # σ = 0.5 in the empty channels
+    fm = band_flow(band_skip="straight", sigma_min=0.05)
+    sigma = fm.residual_scale(c, None, torch.full((1, 1, T), math.log(0.5)))  # [1, C, T]
+    end = c + sigma * eps
+    for t in (0.0, 0.3, 0.8):
+        z = t * end + (1 - t) * eps
+        torch.testing.assert_close(fm.predict_x(net, z, torch.tensor([t]), c), end, rtol=1e-5, atol=1e-6)
+    x = fm.sample(net, c, steps=steps, solver="euler", noise=eps)
+    torch.testing.assert_close(x, end, rtol=1e-5, atol=1e-5)
+    assert float(x[0, 1].std()) == pytest.approx(0.5, rel=0.05)
+    posterior = band_flow(sigma_min=0.05).sample(net, c, steps=1, solver="euler", noise=eps)
+    torch.testing.assert_close(posterior, c, rtol=0, atol=1e-6)  # float32 rounding of the Euler step
+
+
 def test_band_keeps_the_conditions_band_and_bounds_the_loss_weight():
     fm = band_flow(sigma_min=0.05, band_threshold=0.1)
     C, T = 4, 64

@@ -74,6 +74,10 @@ class FlowConfig:
     band_threshold: float = 0.1  # "band": condition RMS below this: channel absent; above 3x: carried
     sigma_min: float = 0.05  # "band": residual scale of the channels the condition carries
     band_level: Literal["average", "condition"] = "average"  # "band": expected level of an empty channel
+    # "band": what the skip carries from z_t: "posterior", the prior's posterior mean (a denoiser's target),
+    # or "straight", the end of the straight path from the noise through z_t under the prior (a few-step
+    # student's target: configs/distill.yaml; docs/design.md "Few-step distillation")
+    band_skip: Literal["posterior", "straight"] = "posterior"
     envelope_loss: float = 1.0  # "band": weight of the envelope likelihood (flow.envelope_error); 0: none
     # "band": what the envelope aims at per frame and band: "power", the likelihood of the band power (its
     # mean under uncertainty), or "log", a squared error of log σ against half the log band power (its

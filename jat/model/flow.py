@@ -30,6 +30,13 @@ level the expected log-level of an empty channel (`band_prior`), e_k a per-frame
 interpolated over the C channels and trained by a likelihood of the band power
 (`envelope_error`): the level of what is generated is set there, in a handful of numbers per
 frame, instead of by rescaling noise through the bottleneck.
+
+A few-step student (`flow.band_skip: straight`) is trained on straight paths from its noise ε to its
+teacher's sample, which in an empty channel is about c + σε (the prior's ODE carries ε to σε). On such a
+line z_t - t·c = (tσ + 1 - t)·ε, so its end is c + σ (z_t - t·c) / (tσ + 1 - t): that is its skip, with
+the same o_k. At t = 0 it is c + σε, where the posterior mean is c: a student with the posterior skip
+must carry ε's 2·C·p values per token through the bottleneck to reproduce the sample's fine structure,
+cannot, and returns a band that is the mean of many, far too quiet (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -173,7 +180,10 @@ class FlowMatching:
         sigma = self.residual_scale(c, mask, level)  # [B, C, T]
         tb = t.view(-1, 1, 1).to(z.dtype)
         var = (tb * sigma).square() + (1 - tb).square()
-        skip = tb * sigma.square() / var
+        if self.cfg.band_skip == "straight":  # x = c + σε on the line z_t - tc = (tσ + 1 - t) ε
+            skip = sigma / (tb * sigma + 1 - tb)
+        else:  # E[x | z_t] under x = c + r, r ~ N(0, σ²)
+            skip = tb * sigma.square() / var
         scale = (1 - tb) * sigma * var.rsqrt()
         x_hat = torch.addcmul(c + skip * (z - tb * c), scale, F_)
         return (x_hat, env) if return_envelope else x_hat
