@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from jat.config import FlowConfig
+from jat.config import Config, ConfigError, FlowConfig
 from jat.model.dit import JaT, model_config
 from jat.model.flow import FlowMatching, u_shaped_cdf
 
@@ -459,7 +459,6 @@ def test_lognormal_envelope_learns_the_spread_and_samples_between_typical_and_me
 
 
 def test_lognormal_target_gives_the_head_its_spread_channels():
-    from jat.config import Config, ConfigError
 
     band = {"model": {"preset": "tiny", "envelope_bands": 4}, "flow": {"precondition": "band"}}
     cfg = Config.from_dict({**band, "flow": {"precondition": "band", "envelope_target": "lognormal"}})
@@ -474,3 +473,29 @@ def test_lognormal_target_gives_the_head_its_spread_channels():
     with pytest.raises(ConfigError, match=r"flow.envelope_aim: must be in \[0, 1\]"):
         Config.from_dict({**band, "flow": {"precondition": "band", "envelope_target": "lognormal",
                                            "envelope_aim": 1.5}})
+
+
+def test_smooth_band_level_generates_an_empty_band_smooth_across_channels():
+    """flow.band_level smooth: a channel whose training std a tone raised 1.66 x (mdct's 15.6 kHz) gets
+    log σ = log(1 / 1.66) and the others 0, so with a silent network the decoded (denormalised) empty
+    band has the neighbours' level there instead of a line; without the statistics it is refused, and a
+    codec whose channels are not frequency-ordered is refused by the config rules."""
+    from jat.codecs import LatentNorm
+
+    C, T = 40, 8000
+    std = torch.ones(C)
+    std[20] = 1.66
+    fm = FlowMatching(FlowConfig(precondition="band", band_level="smooth"), LatentNorm(torch.zeros(C), std))
+    level = fm.smooth_level()
+    assert float(level[20]) == pytest.approx(-math.log(1.66), rel=1e-6)
+    assert float(level.abs()[torch.arange(C) != 20].max()) == 0.0
+    g = torch.Generator().manual_seed(4)
+    c = torch.zeros(1, C, T)
+    x = fm.sample(ConstantNet(C), c, steps=32, solver="heun", noise=torch.randn(1, C, T, generator=g))
+    decoded = x[0].std(-1) * std  # [C] what the codec would see
+    assert float(decoded[20]) == pytest.approx(1.0, rel=0.05)  # the average ("average" level) gave 1.66
+    assert float((decoded - 1).abs().max()) < 0.05
+    with pytest.raises(ValueError, match="needs the latent statistics"):
+        FlowMatching(FlowConfig(precondition="band", band_level="smooth")).smooth_level()
+    with pytest.raises(ConfigError, match="flow.band_level: smooth averages neighbouring channels"):
+        Config.from_dict({"flow": {"precondition": "band", "band_level": "smooth"}, "codec": {"name": "dac"}})

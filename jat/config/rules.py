@@ -107,6 +107,9 @@ def validate(cfg: Config, source: str) -> None:
           "follows from flow.envelope_target: lognormal (which alone trains the spread); not set by hand")
     check(f.envelope_target != "lognormal" or m.envelope_bands > 0, "flow.envelope_target",
           "lognormal needs an envelope head (model.envelope_bands > 0)")
+    check(f.band_level != "smooth" or cfg.codec.name == "mdct", "flow.band_level",
+          f"smooth averages neighbouring channels, which only a frequency-ordered codec has (mdct), not "
+          f"{cfg.codec.name!r}")
     check(f.band_skip == "posterior" or f.precondition == "band", "flow.band_skip",
           f"{f.band_skip} is a skip of the band parametrisation: needs flow.precondition band")
 

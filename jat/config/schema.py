@@ -73,7 +73,11 @@ class FlowConfig:
     precondition: Literal["none", "band"] = "none"  # output parametrisation (flow.py docstring)
     band_threshold: float = 0.1  # "band": condition RMS below this: channel absent; above 3x: carried
     sigma_min: float = 0.05  # "band": residual scale of the channels the condition carries
-    band_level: Literal["average", "condition"] = "average"  # "band": expected level of an empty channel
+    # "band": expected level of an empty channel: "average", the training set's average in that channel;
+    # "smooth", that average smoothed across neighbouring channels (a tone in a few training files no
+    # longer draws a line across every output; frequency-ordered latents: mdct); "condition", the
+    # condition's top octave (docs/quality.md)
+    band_level: Literal["average", "smooth", "condition"] = "average"
     # "band": what the skip carries from z_t: "posterior", the prior's posterior mean (a denoiser's target),
     # or "straight", the end of the straight path from the noise through z_t under the prior (a few-step
     # student's target: configs/distill.yaml; docs/design.md "Few-step distillation")

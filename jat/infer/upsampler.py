@@ -200,7 +200,7 @@ class Upsampler:
         model, cfg, base = load.load_model(path, adapter, ema, dev, force=force_adapter)
         latents = load.latent_space(base, cfg, codec)
         kwargs.setdefault("window_seconds", cfg.data.segment_seconds)
-        up = cls(model, latents, FlowMatching(cfg.flow), dev, precision=precision, **kwargs)
+        up = cls(model, latents, FlowMatching(cfg.flow, latents.norm), dev, precision=precision, **kwargs)
         up.cfg, up.checkpoint = cfg, Path(path)
         return up
 

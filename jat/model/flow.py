@@ -80,11 +80,32 @@ class FlowNoise:
         return FlowNoise(*(torch.cat([getattr(p, k) for p in parts]) for k in ("t", "eps", "drop")))
 
 
-class FlowMatching:
-    """Owns the training loss and the sampler for an x-predicting network."""
+SMOOTH_CHANNELS = 17  # flow.band_level smooth: running median of the channel std over 17 channels (~730 Hz)
 
-    def __init__(self, cfg: FlowConfig | None = None):
+
+class FlowMatching:
+    """Owns the training loss and the sampler for an x-predicting network.
+
+    `norm` (the latent statistics, a `LatentNorm`, kept by reference so a resumed run's loaded values are
+    seen) is needed by flow.band_level smooth only."""
+
+    def __init__(self, cfg: FlowConfig | None = None, norm=None):
         self.cfg = cfg or FlowConfig()
+        self.norm = norm
+
+    def smooth_level(self) -> torch.Tensor:
+        """log(m_k / s_k) [C] for flow.band_level smooth: s_k the training set's std in channel k, m_k its
+        running median over SMOOTH_CHANNELS neighbours. An empty channel generated at σ = exp(this) in
+        normalised units comes out at m_k in the codec's: a spectrum smooth across channels, where a
+        channel whose std a tone in a few training files raised (mdct's 15.6 kHz: 1.66 x its neighbours)
+        would otherwise stand out as a line in every output."""
+        if self.norm is None:
+            raise ValueError("flow.band_level smooth needs the latent statistics (FlowMatching(cfg, norm))")
+        std = self.norm.std.float()  # [C]
+        half = SMOOTH_CHANNELS // 2
+        padded = F.pad(std[None, None], (half, half), mode="replicate")[0, 0]  # [C + 2 half]
+        median = padded.unfold(0, SMOOTH_CHANNELS, 1).median(dim=-1).values  # [C]
+        return torch.log(median / std)
 
     # --- timesteps -------------------------------------------------------------------------------
     def sample_t(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -229,7 +250,9 @@ class FlowMatching:
         if self.cfg.envelope_target == "lognormal":
             env, spread = env.chunk(2, dim=1)  # [B, E, T] each
         E = env.shape[1]
-        absent, level = self.band_prior(c, mask)  # [B, C, 1], [B, 1, T]
+        absent, level = self.band_prior(c, mask)  # [B, C, 1], [B, 1 (C: smooth), T]
+        if level.shape[1] > 1:  # per channel (band_level smooth): its mean over each band
+            level = F.adaptive_avg_pool1d(level.transpose(1, 2), E).transpose(1, 2)  # [B, E, T]
         e = (level + env).clamp(-ENV_LOG_RANGE, ENV_LOG_RANGE)  # [B, E, T] log σ of the generated band
         m = F.adaptive_avg_pool1d(x.square().transpose(1, 2), E).transpose(1, 2) + 1e-4  # [B, E, T]
         if spread is not None:  # Gaussian likelihood of log(m) / 2 with mean e and log std s + offset
@@ -244,7 +267,8 @@ class FlowMatching:
 
     def band_prior(self, c: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the condition c [B, C, T] says of the band it lacks: absent [B, C, 1] in [0, 1] per
-        channel, and the log-level [B, 1, T] per frame at which an empty channel is expected.
+        channel, and the log-level [B, 1, T] per frame at which an empty channel is expected ([B, C, T]
+        per channel with band_level smooth, `smooth_level`).
 
         absent: the channel's RMS over the segment, below τ = band_threshold absent, above 3τ carried,
         a linear ramp between (a resampler's stop-band leakage and the quietest carried channels
@@ -274,6 +298,8 @@ class FlowMatching:
         level = torch.where(edge[:, None, None] >= 0, 0.5 * torch.log(power + 1e-6), 0.0)  # [B, 1, T]
         if self.cfg.band_level == "average":  # the training set's average level: log σ = 0
             level = torch.zeros_like(level)
+        elif self.cfg.band_level == "smooth":  # that average, smooth across channels
+            level = self.smooth_level().to(c.device, c.dtype)[None, :, None].expand(B, C, T)  # [B, C, T]
         return absent, level
 
     def residual_scale(self, c: torch.Tensor, mask: torch.Tensor | None, env: torch.Tensor) -> torch.Tensor:
@@ -281,7 +307,7 @@ class FlowMatching:
         empty, exp(level + e) with `band_prior`'s level and the predicted log-envelope env [B, bands, T]
         interpolated over the channels (e = 0 without bands)."""
         B, C, T = c.shape
-        absent, level = self.band_prior(c, mask)  # [B, C, 1], [B, 1, T]
+        absent, level = self.band_prior(c, mask)  # [B, C, 1], [B, 1 (C: smooth), T]
         if env.shape[1]:
             e = F.interpolate(env.to(level.dtype).transpose(1, 2), size=C, mode="linear", align_corners=False)
             level = level + e.transpose(1, 2)  # [B, C, T]

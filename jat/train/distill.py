@@ -46,9 +46,9 @@ class Teacher:
             raise ConfigError(f"distill.teacher={d.teacher}: the teacher works on '{self.cfg.codec.name}' "
                               f"latents ({self.cfg.model.in_channels} channels), the student on "
                               f"'{cfg.codec.name}' ({cfg.model.in_channels})")
-        self.flow = FlowMatching(self.cfg.flow)
         self.steps, self.solver = d.teacher_steps, d.teacher_solver
         teacher_norm = latent_norm(base, self.cfg.model.in_channels).to(device)
+        self.flow = FlowMatching(self.cfg.flow, teacher_norm)
         norm = norm.to(device)
         same = (torch.allclose(teacher_norm.mean, norm.mean) and torch.allclose(teacher_norm.std, norm.std))
         self._norms = None if same else (norm, teacher_norm)  # (student's, teacher's) when they differ

@@ -72,7 +72,7 @@ def fit_envelope(checkpoint: str | Path, latents: str | Path, out: str | Path, *
     cfg.flow.envelope_target = target
     if aim is not None:
         cfg.flow.envelope_aim = float(aim)
-    flow = FlowMatching(cfg.flow)
+    flow = FlowMatching(cfg.flow, space.norm)
     trained = dict(envelope_hidden=cfg.model.envelope_hidden, envelope_dilations=cfg.model.envelope_dilations,
                    envelope_aligned=cfg.model.envelope_aligned)
     shape = dict(envelope_hidden=trained["envelope_hidden"] if hidden is None else int(hidden),

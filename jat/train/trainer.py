@@ -106,7 +106,7 @@ class Trainer:
         set_seed(t.seed)
         self.data = data
         self.latents = data.latents.to(self.acc.device)
-        self.flow = FlowMatching(cfg.flow)
+        self.flow = FlowMatching(cfg.flow, self.latents.norm)
         self.validator = validator
         self.tuning = tuning(cfg)
         # few-step distillation: a frozen teacher samples each example's target (jat/train/distill.py)
