@@ -184,7 +184,7 @@ def test_envelope_aim_at_inference_is_what_the_sampler_uses_and_is_refused_witho
     out = {}
     for aim in (0.0, 1.0):
         up.aim_envelope(aim)
-        assert up.flow.cfg.envelope_aim == aim
+        assert up.flow.cfg.sample_aim == aim
         out[aim] = up.upsample(audio, 44100, cutoff=8000.0, steps=2, seed=0).audio
     assert not torch.equal(out[0.0], out[1.0])
     with pytest.raises(ValueError, match="envelope aim 1.5: needs a checkpoint trained with"):

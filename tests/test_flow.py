@@ -499,3 +499,23 @@ def test_smooth_band_level_generates_an_empty_band_smooth_across_channels():
         FlowMatching(FlowConfig(precondition="band", band_level="smooth")).smooth_level()
     with pytest.raises(ConfigError, match="flow.band_level: smooth averages neighbouring channels"):
         Config.from_dict({"flow": {"precondition": "band", "band_level": "smooth"}, "codec": {"name": "dac"}})
+
+
+def test_sample_aim_sets_the_sampling_level_and_the_loss_keeps_envelope_aim():
+    """flow.sample_aim: sampling generates the band at μ + sample_aim·v while the loss keeps envelope_aim
+    (a DiT trained under the band's mean power, sampled nearer its typical level); unset, both use
+    envelope_aim. With a silent network the sample's std in an empty channel is exp(μ + aim·v)."""
+    C, T = 2, 20_000
+    c = torch.zeros(1, C, T)
+    c[:, 0] = 1.0  # channel 0 carried, 1 empty
+    net = ConstantNet(C, bands=2, env=0.0)  # μ = 0 and log spread 0: v = exp(2 SPREAD_OFFSET) = 0.25
+    noise = torch.randn(1, C, T, generator=torch.Generator().manual_seed(5))
+    v = 0.25
+    for sample_aim, want in ((None, math.exp(1.0 * v)), (0.0, 1.0), (0.3, math.exp(0.3 * v))):
+        fm = band_flow(envelope_target="lognormal", envelope_aim=1.0, sample_aim=sample_aim)
+        x = fm.sample(net, c, steps=32, solver="heun", noise=noise)
+        assert float(x[0, 1].std()) == pytest.approx(want * float(noise[0, 1].std()), rel=1e-3)
+        z, t = noise, torch.tensor([0.5])
+        trained = fm.predict_x(net, z, t, c, training=True)
+        same = band_flow(envelope_target="lognormal", envelope_aim=1.0).predict_x(net, z, t, c)
+        torch.testing.assert_close(trained, same, rtol=0, atol=0)  # the loss's aim is envelope_aim

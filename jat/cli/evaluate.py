@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--envelope-aim", type=float, default=None,
-                    help="a lognormal envelope's level: 0 typical .. 1 mean power (flow.envelope_aim)")
+                    help="a lognormal envelope's level: 0 typical .. 1 mean power (flow.sample_aim)")
     ap.add_argument("--max-seconds", type=float, default=None, help="score only the start of each file")
     ap.add_argument("--max-files", type=int, default=None, help="at most this many files per --data entry, "
                     "evenly spread through it")

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(1 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--envelope-aim", type=float, default=None, help="a lognormal-envelope checkpoint's "
-                    "band level: 0 its typical level .. 1 its mean power (default: flow.envelope_aim)")
+                    "band level: 0 its typical level .. 1 its mean power (default: flow.sample_aim)")
     ap.add_argument("--cutoff", type=parse_cutoff, default="auto", help="input band limit in Hz, or auto")
     ap.add_argument("--no-lfr", action="store_true", help="do not keep the input's spectrum below the cutoff")
     ap.add_argument("--plot", action="store_true", help="also write name_jat.png: input and output "

@@ -110,6 +110,9 @@ def validate(cfg: Config, source: str) -> None:
     check(f.band_level != "smooth" or cfg.codec.name == "mdct", "flow.band_level",
           f"smooth averages neighbouring channels, which only a frequency-ordered codec has (mdct), not "
           f"{cfg.codec.name!r}")
+    check(f.sample_aim is None or (f.envelope_target == "lognormal" and 0 <= f.sample_aim <= 1),
+          "flow.sample_aim",
+          f"needs flow.envelope_target lognormal and a value in [0, 1], got {f.sample_aim}")
     check(f.band_skip == "posterior" or f.precondition == "band", "flow.band_skip",
           f"{f.band_skip} is a skip of the band parametrisation: needs flow.precondition band")
 

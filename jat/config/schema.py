@@ -89,8 +89,12 @@ class FlowConfig:
     # "lognormal", a Gaussian likelihood of the log level with a predicted spread, sampled at envelope_aim
     envelope_target: Literal["power", "log", "lognormal"] = "power"
     # "lognormal": where the generated band's level sits between the band's typical level (0, as "log")
-    # and its mean power under the predicted spread (1, as "power"); read at training and sampling alike
+    # and its mean power under the predicted spread (1, as "power"), in the loss and, unless sample_aim
+    # is set, in sampling
     envelope_aim: float = 1.0
+    # "lognormal": the aim sampling uses, when it is not envelope_aim (a DiT trained under the mean power
+    # and sampled nearer the typical level scored best: docs/quality.md); infer.py --envelope-aim sets it
+    sample_aim: float | None = None
 
 
 @dataclass

@@ -211,7 +211,7 @@ class Upsampler:
         if self.flow.cfg.envelope_target != "lognormal" or not 0 <= aim <= 1:
             raise ValueError(f"envelope aim {aim:g}: needs a checkpoint trained with flow.envelope_target "
                              "lognormal and a value in [0, 1]")
-        self.flow.cfg.envelope_aim = float(aim)
+        self.flow.cfg.sample_aim = float(aim)
 
     @classmethod
     def from_pretrained(cls, name: str | Path, revision: str | None = None, **kwargs) -> Upsampler:

@@ -169,7 +169,7 @@ class FlowMatching:
         model_mask = None if mask is None or bool(mask.all()) else mask
         trains_envelope = self.cfg.envelope_loss > 0
         x_hat, env = self.predict_x(model, z_t, t, c, model_mask, return_envelope=True,
-                                    detach_envelope=trains_envelope)  # [B, C, T]
+                                    detach_envelope=trains_envelope, training=True)  # [B, C, T]
         denom = (1 - tb).clamp_min(self.cfg.t_eps)
         v = (x - z_t) / denom
         v_hat = (x_hat - z_t) / denom
@@ -189,15 +189,17 @@ class FlowMatching:
     # --- the network's output as a clean-latent estimate -------------------------------------------
     def predict_x(self, model: Denoiser, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor,
                   mask: torch.Tensor | None = None, return_envelope: bool = False,
-                  detach_envelope: bool = False):
+                  detach_envelope: bool = False, training: bool = False):
         """x̂ [B, C, T] for z [B, C, T] at times t [B], through the configured output parametrisation
-        (with return_envelope: also the predicted log-envelope [B, bands, T], or None)."""
+        (with return_envelope: also the predicted log-envelope [B, bands, T], or None); `training`: the
+        loss's, whose envelope aim is flow.envelope_aim (sampling's is flow.sample_aim when set)."""
         out = model(z, t, c, mask).to(z.dtype)  # [B, C (+ bands), T]; bf16 under autocast -> z's dtype
         C = c.shape[1]
         if self.cfg.precondition == "none":
             return (out, None) if return_envelope else out
         F_, env = out[:, :C], out[:, C:]  # [B, C, T], [B, bands, T]
-        level = self.envelope_level(env.detach() if detach_envelope else env)  # [B, bands, T]
+        aim = self.cfg.envelope_aim if training or self.cfg.sample_aim is None else self.cfg.sample_aim
+        level = self.envelope_level(env.detach() if detach_envelope else env, aim)  # [B, bands, T]
         sigma = self.residual_scale(c, mask, level)  # [B, C, T]
         tb = t.view(-1, 1, 1).to(z.dtype)
         var = (tb * sigma).square() + (1 - tb).square()
@@ -209,18 +211,18 @@ class FlowMatching:
         x_hat = torch.addcmul(c + skip * (z - tb * c), scale, F_)
         return (x_hat, env) if return_envelope else x_hat
 
-    def envelope_level(self, env: torch.Tensor) -> torch.Tensor:
+    def envelope_level(self, env: torch.Tensor, aim: float | None = None) -> torch.Tensor:
         """The log-envelope [B, E, T] at which the band is generated, from the head's output env.
 
         With `flow.envelope_target: lognormal` env [B, 2E, T] holds the mean μ of log σ and its log spread
         s: log σ ~ N(μ, v), v = exp(2(s + SPREAD_OFFSET)), so the band power σ² has typical level exp(2μ)
-        and mean exp(2μ + 2v); the band is generated at μ + aim·v (`flow.envelope_aim`: 0 the typical
-        level, 1 the mean power). Otherwise env is the log-envelope itself."""
+        and mean exp(2μ + 2v); the band is generated at μ + aim·v (`aim`, flow.envelope_aim by default:
+        0 the typical level, 1 the mean power). Otherwise env is the log-envelope itself."""
         if self.cfg.envelope_target != "lognormal" or env.shape[1] == 0:
             return env
         mu, s = env.chunk(2, dim=1)  # [B, E, T] each
         v = torch.exp(2 * (s + SPREAD_OFFSET).clamp(*SPREAD_LOG_RANGE))
-        return mu + self.cfg.envelope_aim * v
+        return mu + (self.cfg.envelope_aim if aim is None else aim) * v
 
     def envelope_error(self, env: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:
