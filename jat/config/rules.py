@@ -30,7 +30,7 @@ _RULES = {
     "in [0, 1)": "flow.cond_dropout optim.betas train.ema_decay lora.dropout",
     "in (0, 1)": "flow.t_eps",
     "in [0, 1]": "flow.cfg_interval optim.min_lr_ratio data.noise_prob data.codec_prob "
-                 "data.holes_prob flow.envelope_aim",
+                 "data.holes_prob flow.envelope_aim flow.sample_aim",
     "in (0, 1]": "codec.mdct_compression flow.sigma_min lora.select_fraction",
     # Hz, below Nyquist: SAMPLE_RATE / 2 (jat.codecs.base), which tests/test_config.py checks this matches
     "in (0, 22050)": "data.cutoff_min data.cutoff_max data.val_cutoff",
@@ -110,9 +110,8 @@ def validate(cfg: Config, source: str) -> None:
     check(f.band_level != "smooth" or cfg.codec.name == "mdct", "flow.band_level",
           f"smooth averages neighbouring channels, which only a frequency-ordered codec has (mdct), not "
           f"{cfg.codec.name!r}")
-    check(f.sample_aim is None or (f.envelope_target == "lognormal" and 0 <= f.sample_aim <= 1),
-          "flow.sample_aim",
-          f"needs flow.envelope_target lognormal and a value in [0, 1], got {f.sample_aim}")
+    check(f.sample_aim is None or f.envelope_target == "lognormal", "flow.sample_aim",
+          "is a lognormal envelope's sampling level: needs flow.envelope_target lognormal")
     check(f.band_skip == "posterior" or f.precondition == "band", "flow.band_skip",
           f"{f.band_skip} is a skip of the band parametrisation: needs flow.precondition band")
 
