@@ -29,6 +29,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from jat.checkpoint import store as ckpt
+from jat.cli.launch import release_at_exit
 from jat.config import Config, TrainConfig
 from jat.model.dit import JaT
 from jat.model.flow import FlowMatching, FlowNoise
@@ -60,8 +61,10 @@ def make_accelerator(t: TrainConfig) -> Accelerator:
     if (state and state.get("_mixed_precision") not in (None, t.mixed_precision)
             and PartialState().num_processes == 1):
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.log_with) or None,
-                       project_dir=t.output_dir)
+    acc = Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.log_with) or None,
+                      project_dir=t.output_dir)
+    release_at_exit()  # a launched process exits cleanly (jat/cli/launch.py)
+    return acc
 
 
 # --- the trainer -------------------------------------------------------------------------------
