@@ -1,4 +1,4 @@
-"""A launched command releases its process group at exit (jat/cli/launch.py)."""
+"""A launched command releases its process group at exit (jat/runtime.py `release_at_exit`)."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from helpers import CHILD_ENV, ROOT
 CHILD = textwrap.dedent("""
     import atexit, sys, tempfile
     import torch.distributed as dist
-    from jat.cli.launch import release_at_exit
+    from jat.runtime import release_at_exit
 
     def check():
         print("initialized at exit:", dist.is_initialized(), flush=True)

@@ -29,12 +29,11 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 
 from jat.checkpoint import store as ckpt
-from jat.cli.launch import release_at_exit
 from jat.config import Config, TrainConfig
 from jat.model.dit import JaT
 from jat.model.flow import FlowMatching, FlowNoise
 from jat.model.lora import format_lora_report, lora_report
-from jat.runtime import tune_cpu_runtime
+from jat.runtime import release_at_exit, tune_cpu_runtime
 from jat.train import sharding, tracking
 from jat.train.data import Batch, StepBatches, TrainingData
 from jat.train.distill import Teacher
@@ -63,7 +62,7 @@ def make_accelerator(t: TrainConfig) -> Accelerator:
         AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=t.mixed_precision, log_with=list(t.log_with) or None,
                       project_dir=t.output_dir)
-    release_at_exit()  # a launched process exits cleanly (jat/cli/launch.py)
+    release_at_exit()  # a launched process exits cleanly (jat/runtime.py)
     return acc
 
 
