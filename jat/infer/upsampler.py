@@ -205,7 +205,7 @@ class Upsampler:
         return up
 
     def aim_envelope(self, aim: float) -> None:
-        """Generate the band at `aim` (flow.envelope_aim) of a checkpoint trained with flow.envelope_target
+        """Generate the band at `aim` (sets flow.sample_aim) of a checkpoint trained with flow.envelope_target
         lognormal: 0 the band's typical level (what log-spectral distance rewards), 1 its mean power
         (what the energy per octave measures); ValueError for another target or an aim outside [0, 1]."""
         if self.flow.cfg.envelope_target != "lognormal" or not 0 <= aim <= 1:
